@@ -1,0 +1,100 @@
+"""Tokenizers: GPT-2's BPE through tiktoken, and any byte-level BPE described inside a GGUF file
+(SmolLM2's) through Hugging Face `tokenizers`."""
+
+import tiktoken
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from .errors import LoraftError
+from .weights import data_dir
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+    chat_template = None
+
+    def __init__(self):
+        self.encoding = gpt2_encoding()
+        self.eos_id = self.pad_id = self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab
+
+    # Special tokens written in the text (<|endoftext|>) are read as such, as in `tokenizers`.
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_batch(texts, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's "gpt2", read from $LORAFT_DATA_DIR/gpt2_tokenizer when that holds OpenAI's two files
+    (offline), else through tiktoken's own download and cache (TIKTOKEN_CACHE_DIR)."""
+    from tiktoken_ext import openai_public
+
+    local = data_dir() / "gpt2_tokenizer" if data_dir() else None
+    if local is None or not (local / "vocab.bpe").is_file():
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline with an empty cache
+            raise LoraftError(
+                f"could not load the GPT-2 tokenizer ({type(e).__name__}): put encoder.json and vocab.bpe "
+                f"in $LORAFT_DATA_DIR/gpt2_tokenizer, or seed TIKTOKEN_CACHE_DIR"
+            ) from None
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(local / "vocab.bpe"),
+        encoder_json_file=str(local / "encoder.json"),
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    )
+    return tiktoken.Encoding(
+        "gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257,
+    )  # fmt: skip
+
+
+# How llama.cpp splits text before BPE, by the GGUF's `tokenizer.ggml.pre`. "smollm" isolates every
+# digit first, then applies GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM, and the
+# Digits + ByteLevel pre-tokenizer of SmolLM2's own tokenizer.json).
+PRE_TOKENIZERS = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    ),
+}
+CONTROL_TOKEN = 3  # llama.cpp's token type of special tokens such as <|im_start|>
+
+
+class GGUFTokenizer:
+    """A byte-level BPE tokenizer rebuilt from a GGUF file's metadata (tokens, merges, special tokens)."""
+
+    def __init__(self, meta: dict):
+        if meta.get("tokenizer.ggml.model") != "gpt2":
+            raise LoraftError(f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}: loraft reads byte-level BPE ('gpt2')")
+        pre = meta.get("tokenizer.ggml.pre", "gpt2")
+        if pre not in PRE_TOKENIZERS:
+            raise LoraftError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
+        tokens = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+        tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        tok.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type", [])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN])
+        self.tokenizer = tok
+        self.name = meta.get("general.name", "gguf")
+        self.vocab_size = len(tokens)
+        self.eos_id = meta["tokenizer.ggml.eos_token_id"]
+        self.pad_id = meta.get("tokenizer.ggml.padding_token_id", self.eos_id)
+        self.bos_id = meta.get("tokenizer.ggml.bos_token_id")
+        self.chat_template = meta.get("tokenizer.chat_template")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+
+def loraft(*args):
+    return subprocess.run([sys.executable, "-m", "loraft", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_clear_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraft: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_models_lists_names_and_counts():
+    result = loraft("models")
+    assert result.returncode == 0
+    assert "smollm2-135m" in result.stdout and "134,515,008" in result.stdout
+    assert "gpt2-xl" in result.stdout and "163,037,184" in result.stdout
+
+
+def test_generate_from_a_gguf_path(smollm2_gguf):
+    result = loraft("generate", "--model", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is Paris")
+
+
+def test_unknown_model_lists_the_valid_ones():
+    assert_clear_error(loraft("generate", "--model", "gpt5", "--prompt", "x"), "gpt5", "smollm2-135m", "gpt2-medium")
+
+
+def test_missing_weights(tmp_path):
+    missing = tmp_path / "nothing-here"
+    assert_clear_error(loraft("generate", "--model", "gpt2-small", "--weights", str(missing), "--prompt", "x"), str(missing))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, b'{"not": "a header"}' * 10], ids=["empty", "zeros", "json"])
+def test_corrupt_weights(tmp_path, content):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(content)
+    assert_clear_error(loraft("generate", "--model", "gpt2-small", "--weights", str(file), "--prompt", "x"), "safetensors")
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    path = tmp_path / "other.gguf"
+    writer = GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clear_error(loraft("generate", "--model", str(path), "--prompt", "x"), "mamba", "not supported")
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\xff" * 64)
+    assert_clear_error(loraft("generate", "--model", str(path), "--prompt", "x"), "GGUF")
