@@ -85,6 +85,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, weights_path: str | None = Non
     else:
         model, tokenizer = load_gpt2(target, weights_path, dtype)
     model.name = name_or_path if isinstance(target, ModelInfo) else str(target)
+    model.fingerprint = weights.weights_fingerprint(model.named_parameters())
     return model.eval(), tokenizer
 
 

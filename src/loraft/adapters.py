@@ -1,0 +1,143 @@
+"""Adapter folders: `adapter.safetensors` (the LoRA matrices and any module trained with them) and
+`adapter.json` (everything needed to put them back on the right base model). Never pickle."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import LoraftError
+from .lora import LoRALinear, ModuleToSave, add_module_to_save, adapter_names, adapter_state, apply_lora
+from .models import architecture_of
+from .weights import weights_fingerprint
+
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+FORMAT = "loraft-adapter/1"
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    if not hasattr(model, "fingerprint"):
+        model.fingerprint = weights_fingerprint(model.named_parameters())
+    return model.fingerprint
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and name in module.lora_A:
+            tensors[f"{module_name}.lora_A"] = module.lora_A[name].detach().float().contiguous()
+            tensors[f"{module_name}.lora_B"] = module.lora_B[name].detach().float().contiguous()
+        elif isinstance(module, ModuleToSave) and name in module.copies:
+            for param_name, param in module.copies[name].named_parameters():
+                tensors[f"{module_name}.{param_name}"] = param.detach().float().contiguous()
+    return tensors
+
+
+def atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Path:
+    """Write adapter `name` to `folder`; `task` (task, label_names, max_length, ...) goes into the JSON."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(model)
+    if name not in state.configs:
+        raise LoraftError(f"no adapter named {name!r} on this model")
+    meta = {
+        "format": FORMAT,
+        "loraft_version": __version__,
+        "name": name,
+        "base_model": getattr(model, "name", "unknown"),
+        "base_fingerprint": base_fingerprint(model),
+        "architecture": architecture_of(model),
+        "base_config": vars(model.config),
+        **state.configs[name],
+        **task,
+    }
+    tensors = adapter_tensors(model, name)
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return folder
+
+
+def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoraftError(f"adapter folder not found: {folder}")
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise LoraftError(f"{folder} is not a loraft adapter folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraftError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LoraftError(f"{config_file} is not a loraft adapter description (format {FORMAT!r})")
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraftError(f"{weights_file} is truncated or corrupt ({e})") from None
+    return meta, tensors
+
+
+def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], folder):
+    """Fail, before anything on the model changes, if the adapter was made for another base."""
+    here = architecture_of(model)
+    if meta["architecture"] != here:
+        raise LoraftError(
+            f"adapter {folder} was trained on {meta['base_model']} ({meta['architecture']}); this model is {here}"
+        )
+    if meta["base_fingerprint"] != base_fingerprint(model):
+        raise LoraftError(
+            f"adapter {folder} was trained on {meta['base_model']} with other weights than the loaded "
+            f"{getattr(model, 'name', 'model')} (fingerprint {meta['base_fingerprint']} != {base_fingerprint(model)})"
+        )
+    rank = meta["rank"] if meta["target_modules"] else 0
+    for module_name in meta["target_modules"]:
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise LoraftError(f"adapter {folder} targets {module_name}, which this model does not have") from None
+        linear = module.base if isinstance(module, LoRALinear) else module
+        expected = {"lora_A": (rank, linear.in_features), "lora_B": (linear.out_features, rank)}
+        for part, shape in expected.items():
+            tensor = tensors.get(f"{module_name}.{part}")
+            if tensor is None or tuple(tensor.shape) != shape:
+                got = None if tensor is None else tuple(tensor.shape)
+                raise LoraftError(f"adapter {folder}: {module_name}.{part} should have shape {shape}, has {got}")
+    for module_name, spec in meta["modules_to_save"].items():
+        weight = tensors.get(f"{module_name}.weight")
+        if weight is None or tuple(weight.shape) != (spec["out_features"], spec["in_features"]):
+            raise LoraftError(f"adapter {folder}: {module_name}.weight is missing or has the wrong shape")
+
+
+def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
+    """Put the adapter in `folder` on `model` under `name` (default: its saved name), make it active."""
+    meta, tensors = read_adapter(folder)
+    name = name or meta["name"]
+    if name in adapter_names(model):
+        raise LoraftError(f"an adapter named {name!r} is already loaded")
+    check_fits(model, meta, tensors, folder)
+    if meta["target_modules"]:
+        apply_lora(model, meta["rank"], meta["alpha"], meta["target_modules"], meta["scaling"], meta["dropout"], name)
+    for module_name, spec in meta["modules_to_save"].items():
+        add_module_to_save(model, module_name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]), name)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if isinstance(module, LoRALinear) and name in module.lora_A:
+                module.lora_A[name].copy_(tensors[f"{module_name}.lora_A"])
+                module.lora_B[name].copy_(tensors[f"{module_name}.lora_B"])
+            elif isinstance(module, ModuleToSave) and name in module.copies:
+                for param_name, param in module.copies[name].named_parameters():
+                    param.copy_(tensors[f"{module_name}.{param_name}"])
+    adapter_state(model).configs[name] = {k: meta[k] for k in ("rank", "alpha", "scaling", "dropout", "targets", "target_modules", "modules_to_save")}
+    return meta

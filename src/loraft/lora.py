@@ -1,0 +1,272 @@
+"""Low-rank adaptation: h = W x + scale * B(A x), with W frozen and only A and B trained.
+
+Several named adapters can live on one base model. Every wrapped module shares one `AdapterState`,
+which says which adapter runs (for the whole batch, or per row) and which one is merged into W.
+"""
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import LoraftError
+
+SCALINGS = {
+    "book": lambda alpha, rank: alpha,  # the book's appendix E
+    "standard": lambda alpha, rank: alpha / rank,  # the LoRA paper and PEFT
+    "rslora": lambda alpha, rank: alpha / math.sqrt(rank),  # rank-stabilised LoRA
+}
+
+# Target group names understood everywhere a target list is taken; anything else is a glob pattern
+# over module names ("trf_blocks.1*.att.*").
+ATTENTION = ["q", "k", "v", "o"]
+TARGET_ALIASES = {"attention": ATTENTION, "all-linear": [*ATTENTION, "mlp"]}
+
+
+@dataclass
+class AdapterState:
+    active: str | None = None  # the adapter every row uses; None: the base model alone
+    per_row: list[str | None] | None = None  # one adapter (or None) per batch row; overrides `active`
+    merged: str | None = None  # the adapter folded into the base weights
+    row_index: dict[str, torch.Tensor] = field(default_factory=dict)
+    configs: dict[str, dict] = field(default_factory=dict)  # per adapter: rank, alpha, targets, ...
+
+    def routes(self):
+        """(adapter, rows) pairs the wrapped modules must add; rows None means the whole batch."""
+        if self.per_row is not None:
+            return list(self.row_index.items())
+        if self.active is None or self.active == self.merged:
+            return []
+        return [(self.active, None)]
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus named low-rank updates (A: rank x in, B: out x rank)."""
+
+    def __init__(self, base: nn.Linear, state: AdapterState):
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scale: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+
+    def add_adapter(self, name: str, rank: int, scale: float, dropout: float = 0.0):
+        A = torch.empty(rank, self.base.in_features, dtype=torch.float32, device=self.base.weight.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, rank, device=A.device))
+        self.scale[name], self.dropout[name] = scale, dropout
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = nn.functional.dropout(x, self.dropout[name], self.training)
+        return nn.functional.linear(nn.functional.linear(x.to(A.dtype), A), B) * self.scale[name]
+
+    def forward(self, x):
+        out = self.base(x)
+        for name, rows in self.state.routes():
+            if name not in self.lora_A:
+                continue
+            if rows is None:
+                out = out + self.delta(name, x).to(out.dtype)
+            else:
+                rows = rows.to(x.device)
+                out = out.index_add(0, rows, self.delta(name, x[rows]).to(out.dtype))
+        return out
+
+    def update(self, name: str) -> torch.Tensor:
+        """scale * B A, in fp32: what merging adds to W."""
+        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
+
+    def merge(self, name: str, sign: float = 1.0):
+        with torch.no_grad():
+            weight = self.base.weight
+            weight.copy_((weight.float() + sign * self.update(name)).to(weight.dtype))
+
+
+class ModuleToSave(nn.Module):
+    """A module replaced by a fully trained module per adapter (PEFT's `modules_to_save`), e.g. a new
+    classification head; with no adapter active the original module runs."""
+
+    def __init__(self, original: nn.Module, state: AdapterState):
+        super().__init__()
+        self.original = original
+        self.state = state
+        self.copies = nn.ModuleDict()
+
+    def forward(self, x):
+        routes = [(name, rows) for name, rows in self.state.routes() if name in self.copies]
+        if self.state.per_row is None:
+            return self.copies[routes[0][0]](x) if routes else self.original(x)
+        covered = {i for _, rows in routes for i in rows.tolist()}
+        base_rows = torch.tensor([i for i in range(x.shape[0]) if i not in covered], dtype=torch.long)
+        parts = [(self.copies[name], rows) for name, rows in routes] + [(self.original, base_rows)] * bool(len(base_rows))
+        outputs = [(module(x[rows.to(x.device)]), rows) for module, rows in parts]
+        if len({out.shape[-1] for out, _ in outputs}) > 1:
+            raise LoraftError("adapters in one mixed batch must have output heads of the same size")
+        result = outputs[0][0].new_empty(x.shape[0], *outputs[0][0].shape[1:])
+        for out, rows in outputs:
+            result[rows.to(x.device)] = out
+        return result
+
+
+# ---------------------------------------------------------------- applying, selecting, merging
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    if not hasattr(model, "adapter_state"):
+        model.adapter_state = AdapterState()
+    return model.adapter_state
+
+
+def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Module names of the nn.Linear layers (or LoRA-wrapped ones) that `targets` select."""
+    from .models import lora_target_groups
+
+    groups = lora_target_groups(model)
+    patterns = []
+    for target in targets:
+        for name in TARGET_ALIASES.get(target, [target]):
+            patterns += groups.get(name, [name])
+    linears = {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base")
+    }  # fmt: skip
+    chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        raise LoraftError(f"LoRA targets {targets} match no linear layer; groups: {[*groups, *TARGET_ALIASES]}")
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int = 16,
+    alpha: float = 16,
+    targets: list[str] = ("all-linear",),
+    scaling: str = "standard",
+    dropout: float = 0.0,
+    name: str = "default",
+) -> list[str]:
+    """Add adapter `name` to the targeted linear layers, make it active and the only trainable thing
+    (besides its modules to save). Returns the targeted module names."""
+    if scaling not in SCALINGS:
+        raise LoraftError(f"unknown LoRA scaling {scaling!r}; choose one of {list(SCALINGS)}")
+    if rank < 1:
+        raise LoraftError("the LoRA rank must be at least 1")
+    state = adapter_state(model)
+    chosen = expand_targets(model, list(targets))
+    for module_name in chosen:
+        module = model.get_submodule(module_name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, state)
+            replace_module(model, module_name, module)
+        if name in module.lora_A:
+            raise LoraftError(f"adapter {name!r} already exists on {module_name}")
+        module.add_adapter(name, rank, SCALINGS[scaling](alpha, rank), dropout)
+    state.configs[name] = dict(
+        rank=rank, alpha=alpha, scaling=scaling, dropout=dropout, targets=list(targets),
+        target_modules=chosen, modules_to_save={},
+    )  # fmt: skip
+    set_active(model, name)
+    mark_trainable(model, name)
+    return chosen
+
+
+def add_module_to_save(model: nn.Module, module_name: str, new: nn.Module, name: str = "default"):
+    """Give adapter `name` its own trained `new` in place of `module_name` (e.g. out_head)."""
+    state = adapter_state(model)
+    module = model.get_submodule(module_name)
+    if not isinstance(module, ModuleToSave):
+        module = ModuleToSave(module, state)
+        replace_module(model, module_name, module)
+    module.copies[name] = new.to(next(module.original.parameters()).device)
+    if not isinstance(new, nn.Linear):
+        raise LoraftError("only nn.Linear modules can be saved with an adapter")
+    state.configs.setdefault(name, dict(target_modules=[], modules_to_save={}))["modules_to_save"][module_name] = dict(
+        in_features=new.in_features, out_features=new.out_features, bias=new.bias is not None
+    )
+    mark_trainable(model, name)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names = set()
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            names.update(module.lora_A.keys())
+        elif isinstance(module, ModuleToSave):
+            names.update(module.copies.keys())
+    return sorted(names)
+
+
+def mark_trainable(model: nn.Module, name: str):
+    """Freeze everything but adapter `name`'s LoRA matrices and modules to save."""
+    for param_name, param in model.named_parameters():
+        parts = param_name.split(".")
+        param.requires_grad_(
+            (("lora_A" in parts or "lora_B" in parts) and parts[-1] == name)
+            or ("copies" in parts and parts[parts.index("copies") + 1] == name)
+        )
+
+
+def set_active(model: nn.Module, name: str | None):
+    """Run adapter `name` for every row (None: the base model alone, the adapters stay loaded)."""
+    state = adapter_state(model)
+    if name is not None and name not in adapter_names(model):
+        raise LoraftError(f"no adapter named {name!r}; loaded: {adapter_names(model)}")
+    if state.merged is not None and name != state.merged:
+        raise LoraftError(f"adapter {state.merged!r} is merged into the weights: unmerge it first")
+    state.active, state.per_row, state.row_index = name, None, {}
+
+
+def set_per_row(model: nn.Module, per_row: list[str | None]):
+    """Run one adapter (or None, the base) per batch row in the next forward passes."""
+    state = adapter_state(model)
+    if state.merged is not None:
+        raise LoraftError(f"adapter {state.merged!r} is merged into the weights: unmerge it before mixing adapters")
+    unknown = {n for n in per_row if n is not None} - set(adapter_names(model))
+    if unknown:
+        raise LoraftError(f"no adapter named {sorted(unknown)}; loaded: {adapter_names(model)}")
+    state.per_row = list(per_row)
+    state.row_index = {
+        name: torch.tensor([i for i, n in enumerate(per_row) if n == name], dtype=torch.long)
+        for name in dict.fromkeys(n for n in per_row if n is not None)
+    }
+
+
+def merge(model: nn.Module, name: str | None = None):
+    """Fold the active adapter (or `name`) into the base weights: inference at the base's speed."""
+    state = adapter_state(model)
+    name = name or state.active
+    if state.merged is not None:
+        raise LoraftError(f"adapter {state.merged!r} is already merged")
+    set_active(model, name)
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and name in module.lora_A:
+            module.merge(name)
+    state.merged = name
+
+
+def unmerge(model: nn.Module):
+    state = adapter_state(model)
+    if state.merged is None:
+        return
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and state.merged in module.lora_A:
+            module.merge(state.merged, sign=-1.0)
+    state.merged = None
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int]:
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}

@@ -1,0 +1,203 @@
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from loraft import lora
+from loraft.adapters import load_adapter, save_adapter
+from loraft.errors import LoraftError
+from loraft.models import gpt2, llama
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=2, hidden_dim=96)
+    return llama.Llama(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    return gpt2.GPTModel(gpt2.GPT2Config(vocab_size=300, context_length=64, emb_dim=48, n_heads=4, n_layers=2)).eval()
+
+
+def train_a_few_steps(model, ids, steps=5):
+    """Make B non-zero: a few AdamW steps on the language-modelling loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        logits = model(ids[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+IDS = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+
+
+def test_book_parameter_counts_gpt2_small():
+    with torch.device("meta"):
+        model = gpt2.GPTModel(gpt2.SIZES["gpt2-small"])
+        model.out_head = nn.Linear(768, 2)
+    frozen_before = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        lora.apply_lora(model, rank=16, alpha=16, targets=["all-linear", "head"])
+    counts = lora.parameter_summary(model)
+    assert frozen_before == 124_441_346
+    assert counts["trainable"] == 2_666_528
+    assert counts["frozen"] == 124_441_346
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_targets_groups_and_globs(build):
+    model = build()
+    assert len(lora.expand_targets(model, ["q", "v"])) == 4
+    mlp_layers = 3 if build is tiny_llama else 2
+    assert len(lora.expand_targets(model, ["all-linear"])) == 2 * (4 + mlp_layers)
+    assert lora.expand_targets(model, ["trf_blocks.1.att.W_*"]) == [f"trf_blocks.1.att.W_{x}" for x in ("query", "key", "value")]
+    with pytest.raises(LoraftError, match="match no linear layer"):
+        lora.expand_targets(model, ["nothing.here"])
+
+
+@pytest.mark.parametrize("scaling,expected", [("book", 8.0), ("standard", 2.0), ("rslora", 4.0)])
+def test_scaling_conventions(scaling, expected):
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4, alpha=8, scaling=scaling)
+    assert model.trf_blocks[0].att.W_query.scale["default"] == expected
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_fresh_adapter_is_identity_then_merge_equals_unmerged(build):
+    model = build()
+    before = model(IDS).detach()
+    weight_before = model.trf_blocks[0].att.W_query.weight.detach().clone()
+    lora.apply_lora(model, rank=4, alpha=8, targets=["all-linear"])
+    assert torch.equal(model(IDS), before)
+    train_a_few_steps(model, IDS)
+    unmerged = model(IDS).detach()
+    assert (unmerged - before).abs().max() > 1e-3  # training changed something
+    lora.merge(model)
+    merged = model(IDS).detach()
+    assert (merged - unmerged).abs().max() <= 1e-5
+    lora.unmerge(model)
+    assert (model.trf_blocks[0].att.W_query.base.weight - weight_before).abs().max() <= 1e-6
+    assert (model(IDS) - unmerged).abs().max() <= 1e-4
+
+
+def test_disable_gives_base_behaviour_without_unloading():
+    model = tiny_llama()
+    base = model(IDS).detach()
+    lora.apply_lora(model, rank=4)
+    train_a_few_steps(model, IDS)
+    adapted = model(IDS).detach()
+    lora.set_active(model, None)
+    assert torch.equal(model(IDS), base)
+    lora.set_active(model, "default")
+    assert torch.equal(model(IDS), adapted)
+
+
+def test_only_lora_and_saved_modules_train():
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4, targets=["q", "v"])
+    lora.add_module_to_save(model, "out_head", nn.Linear(48, 3, bias=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        *(f"trf_blocks.{i}.att.W_{w}.lora_{m}.default" for i in range(2) for w in ("query", "value") for m in "AB"),
+        "out_head.copies.default.weight",
+    }
+    assert model(IDS).shape == (3, 20, 3)
+
+
+def test_adapter_round_trips_bit_exactly(tmp_path):
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4, alpha=8, scaling="rslora", targets=["all-linear"])
+    lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False))
+    train_a_few_steps_cls(model)
+    expected = model(IDS).detach()
+    save_adapter(model, tmp_path / "a", task="classification", label_names=["ham", "spam"])
+
+    fresh = tiny_llama()
+    meta = load_adapter(fresh, tmp_path / "a")
+    assert meta["label_names"] == ["ham", "spam"] and meta["scaling"] == "rslora"
+    assert torch.equal(fresh(IDS), expected)
+    save_adapter(fresh, tmp_path / "b")
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+
+
+def train_a_few_steps_cls(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        loss = model(IDS)[:, -1].logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_wrong_base_and_corrupt_files_fail_clearly(tmp_path):
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4)
+    save_adapter(model, tmp_path / "a")
+
+    with pytest.raises(LoraftError, match="gpt2"):
+        load_adapter(tiny_gpt2(), tmp_path / "a")
+    with pytest.raises(LoraftError, match="other weights"):
+        load_adapter(tiny_llama(seed=1), tmp_path / "a")
+    other_shape = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=1, hidden_dim=96))
+    with pytest.raises(LoraftError, match="other weights"):
+        load_adapter(other_shape, tmp_path / "a")
+
+    shutil.copytree(tmp_path / "a", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    untouched = tiny_llama()
+    with pytest.raises(LoraftError, match="truncated or corrupt"):
+        load_adapter(untouched, tmp_path / "truncated")
+    assert lora.adapter_names(untouched) == []
+
+    shutil.copytree(tmp_path / "a", tmp_path / "badjson")
+    (tmp_path / "badjson" / "adapter.json").write_text("{not json")
+    with pytest.raises(LoraftError, match="not valid JSON"):
+        load_adapter(tiny_llama(), tmp_path / "badjson")
+    with pytest.raises(LoraftError, match="not a loraft adapter folder"):
+        load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(LoraftError, match="not found"):
+        load_adapter(tiny_llama(), tmp_path / "missing")
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
+    model = tiny_llama()
+    for name, seed in [("one", 1), ("two", 2)]:
+        torch.manual_seed(seed)
+        lora.apply_lora(model, rank=4, targets=["all-linear"], name=name)
+        lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False), name=name)
+        train_a_few_steps_cls(model)
+    alone = {}
+    for name in ("one", "two", None):
+        lora.set_active(model, name)
+        alone[name] = model(IDS).detach()
+    lora.set_per_row(model, ["two", None, "one"])
+    with pytest.raises(LoraftError, match="same size"):
+        model(IDS)  # the base's LM head (300 outputs) cannot share a batch with 2-class heads
+    lora.set_per_row(model, ["two", "one", "one"])
+    mixed = model(IDS).detach()
+    assert torch.allclose(mixed[0], alone["two"][0], atol=1e-6)
+    assert torch.allclose(mixed[1:], alone["one"][1:], atol=1e-6)
+
+
+def test_mixed_lm_batch_with_base_rows():
+    model = tiny_gpt2()
+    for name in ("one", "two"):
+        lora.apply_lora(model, rank=4, name=name)
+        train_a_few_steps(model, IDS, steps=2)
+    alone = {}
+    for name in ("one", "two", None):
+        lora.set_active(model, name)
+        alone[name] = model(IDS).detach()
+    lora.set_per_row(model, ["two", None, "one"])
+    mixed = model(IDS).detach()
+    for row, name in enumerate(["two", None, "one"]):
+        assert torch.allclose(mixed[row], alone[name][row], atol=1e-5)
