@@ -58,7 +58,7 @@ def test_targets_groups_and_globs(build):
     mlp_layers = 3 if build is tiny_llama else 2
     assert len(lora.expand_targets(model, ["all-linear"])) == 2 * (4 + mlp_layers)
     assert lora.expand_targets(model, ["trf_blocks.1.att.W_*"]) == [f"trf_blocks.1.att.W_{x}" for x in ("query", "key", "value")]
-    with pytest.raises(LoraftError, match="match no linear layer"):
+    with pytest.raises(LoraftError, match="matches no linear layer"):
         lora.expand_targets(model, ["nothing.here"])
 
 
@@ -85,6 +85,17 @@ def test_fresh_adapter_is_identity_then_merge_equals_unmerged(build):
     lora.unmerge(model)
     assert (model.trf_blocks[0].att.W_query.base.weight - weight_before).abs().max() <= 1e-6
     assert (model(IDS) - unmerged).abs().max() <= 1e-4
+
+
+def test_merging_keeps_the_adapters_own_head():
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4)
+    lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False))
+    train_a_few_steps_cls(model)
+    unmerged = model(IDS).detach()
+    lora.merge(model)
+    assert model(IDS).shape == (3, 20, 2)
+    assert (model(IDS) - unmerged).abs().max() <= 1e-5
 
 
 def test_disable_gives_base_behaviour_without_unloading():
@@ -201,3 +212,25 @@ def test_mixed_lm_batch_with_base_rows():
     mixed = model(IDS).detach()
     for row, name in enumerate(["two", None, "one"]):
         assert torch.allclose(mixed[row], alone[name][row], atol=1e-5)
+
+
+def test_merging_a_lora_on_a_tied_head_leaves_the_embedding_alone():
+    model = tiny_llama()
+    embedding = model.tok_emb.weight.detach().clone()
+    lora.apply_lora(model, rank=4, targets=["q", "head"])
+    train_a_few_steps(model, IDS, steps=2)
+    unmerged = model(IDS).detach()
+    lora.merge(model)
+    assert torch.equal(model.tok_emb.weight, embedding)
+    assert (model(IDS) - unmerged).abs().max() <= 1e-4
+
+
+def test_a_head_cannot_have_both_a_lora_and_a_module_to_save():
+    model = tiny_llama()
+    lora.apply_lora(model, rank=4, targets=["q", "head"])
+    with pytest.raises(LoraftError, match="has a LoRA"):
+        lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False))
+    other = tiny_llama()
+    lora.add_module_to_save(other, "out_head", nn.Linear(48, 2, bias=False))
+    with pytest.raises(LoraftError, match="'head' matches no linear layer"):
+        lora.apply_lora(other, rank=4, targets=["q", "head"])

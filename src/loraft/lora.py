@@ -6,6 +6,7 @@ which says which adapter runs (for the whole batch, or per row) and which one is
 
 import fnmatch
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +38,7 @@ class AdapterState:
         """(adapter, rows) pairs the wrapped modules must add; rows None means the whole batch."""
         if self.per_row is not None:
             return list(self.row_index.items())
-        if self.active is None or self.active == self.merged:
-            return []
-        return [(self.active, None)]
+        return [] if self.active is None else [(self.active, None)]
 
 
 class LoRALinear(nn.Module):
@@ -69,7 +68,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         out = self.base(x)
         for name, rows in self.state.routes():
-            if name not in self.lora_A:
+            if name not in self.lora_A or name == self.state.merged:
                 continue
             if rows is None:
                 out = out + self.delta(name, x).to(out.dtype)
@@ -136,10 +135,11 @@ def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
         name: module for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base")
     }  # fmt: skip
-    chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    if not chosen:
-        raise LoraftError(f"LoRA targets {targets} match no linear layer; groups: {[*groups, *TARGET_ALIASES]}")
-    return chosen
+    for target in targets:
+        target_patterns = [p for name in TARGET_ALIASES.get(target, [target]) for p in groups.get(name, [name])]
+        if not any(fnmatch.fnmatchcase(name, p) for name in linears for p in target_patterns):
+            raise LoraftError(f"LoRA target {target!r} matches no linear layer; groups: {[*groups, *TARGET_ALIASES]}")
+    return [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module):
@@ -183,14 +183,16 @@ def apply_lora(
 
 def add_module_to_save(model: nn.Module, module_name: str, new: nn.Module, name: str = "default"):
     """Give adapter `name` its own trained `new` in place of `module_name` (e.g. out_head)."""
+    if not isinstance(new, nn.Linear):
+        raise LoraftError("only nn.Linear modules can be saved with an adapter")
     state = adapter_state(model)
     module = model.get_submodule(module_name)
+    if isinstance(module, LoRALinear):
+        raise LoraftError(f"{module_name} has a LoRA; a module to save would replace it (choose one of the two)")
     if not isinstance(module, ModuleToSave):
         module = ModuleToSave(module, state)
         replace_module(model, module_name, module)
     module.copies[name] = new.to(next(module.original.parameters()).device)
-    if not isinstance(new, nn.Linear):
-        raise LoraftError("only nn.Linear modules can be saved with an adapter")
     state.configs.setdefault(name, dict(target_modules=[], modules_to_save={}))["modules_to_save"][module_name] = dict(
         in_features=new.in_features, out_features=new.out_features, bias=new.bias is not None
     )
@@ -249,8 +251,11 @@ def merge(model: nn.Module, name: str | None = None):
     if state.merged is not None:
         raise LoraftError(f"adapter {state.merged!r} is already merged")
     set_active(model, name)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for module in model.modules():
         if isinstance(module, LoRALinear) and name in module.lora_A:
+            if uses[id(module.base.weight)] > 1:  # a tied head: merging must not change the embedding
+                module.base.weight = nn.Parameter(module.base.weight.detach().clone(), requires_grad=False)
             module.merge(name)
     state.merged = name
 
