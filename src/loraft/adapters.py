@@ -27,8 +27,14 @@ def base_fingerprint(model: nn.Module) -> str:
     return model.fingerprint
 
 
+TRAINED_PREFIX = "base."  # base parameters trained in place by the non-LoRA baselines (--method full, ...)
+
+
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    tensors = {}
+    tensors = {
+        TRAINED_PREFIX + param_name: model.get_parameter(param_name).detach().float().contiguous()
+        for param_name in adapter_state(model).configs[name].get("trained_parameters", [])
+    }
     for module_name, module in model.named_modules():
         if isinstance(module, LoRALinear) and name in module.lora_A:
             tensors[f"{module_name}.lora_A"] = module.lora_A[name].detach().float().contiguous()
@@ -118,6 +124,11 @@ def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], f
         weight = tensors.get(f"{module_name}.weight")
         if weight is None or tuple(weight.shape) != (spec["out_features"], spec["in_features"]):
             raise LoraftError(f"adapter {folder}: {module_name}.weight is missing or has the wrong shape")
+    parameters = dict(model.named_parameters())
+    for param_name in meta.get("trained_parameters", []):
+        tensor = tensors.get(TRAINED_PREFIX + param_name)
+        if param_name not in parameters or tensor is None or tensor.shape != parameters[param_name].shape:
+            raise LoraftError(f"adapter {folder}: trained parameter {param_name} does not fit this model")
 
 
 def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
@@ -132,6 +143,9 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
     for module_name, spec in meta["modules_to_save"].items():
         add_module_to_save(model, module_name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]), name)
     with torch.no_grad():
+        for param_name in meta.get("trained_parameters", []):
+            param = model.get_parameter(param_name)
+            param.copy_(tensors[TRAINED_PREFIX + param_name].to(param.dtype))
         for module_name, module in model.named_modules():
             if isinstance(module, LoRALinear) and name in module.lora_A:
                 module.lora_A[name].copy_(tensors[f"{module_name}.lora_A"])
@@ -139,5 +153,6 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
             elif isinstance(module, ModuleToSave) and name in module.copies:
                 for param_name, param in module.copies[name].named_parameters():
                     param.copy_(tensors[f"{module_name}.{param_name}"])
-    adapter_state(model).configs[name] = {k: meta[k] for k in ("rank", "alpha", "scaling", "dropout", "targets", "target_modules", "modules_to_save")}
+    keys = ("rank", "alpha", "scaling", "dropout", "targets", "target_modules", "modules_to_save", "trained_parameters")
+    adapter_state(model).configs[name] = {k: meta[k] for k in keys if k in meta}
     return meta

@@ -1,7 +1,9 @@
 """The `loraft` command. Each subcommand is one function; user errors exit with code 2 and one line."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .errors import LoraftError
 
@@ -32,6 +34,111 @@ def cmd_generate(args):
     print(args.prompt + tokenizer.decode(tokens))
 
 
+def cmd_info(args):
+    from torch import nn
+
+    from . import lora
+    from .models import build_empty, load_model, resolve
+
+    model = build_empty(args.model) if not isinstance(resolve(args.model), Path) else load_model(args.model)[0]
+    if args.num_classes:  # as the book does: the output head replaced by a new, smaller one
+        model.out_head = nn.Linear(model.config.emb_dim, args.num_classes, device=model.tok_emb.weight.device)
+    if args.rank:
+        lora.apply_lora(model, args.rank, args.alpha, args.targets, args.scaling)
+    print(model)
+    counts = lora.parameter_summary(model)
+    print(f"total parameters:     {counts['total']:>14,}")
+    print(f"trainable parameters: {counts['trainable']:>14,}  ({100 * counts['trainable'] / counts['total']:.2f}%)")
+    print(f"frozen parameters:    {counts['frozen']:>14,}")
+
+
+def train_options(args) -> dict:
+    from .train import TrainConfig
+
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
+        bf16=not args.no_bf16,
+    )  # fmt: skip
+    return dict(train=cfg, out=args.out, model=args.model, weights=args.weights, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def cmd_train(args):
+    from .finetune import train_classifier
+
+    train_classifier(
+        data=args.data, data_file=args.data_file, text_column=args.text_column, label_column=args.label_column,
+        val_file=args.val_file, test_file=args.test_file, method=args.method, rank=args.rank, alpha=args.alpha,
+        scaling=args.scaling, targets=args.targets, dropout=args.dropout, max_length=args.max_length,
+        pooling=args.pooling, **train_options(args),
+    )  # fmt: skip
+
+
+def cmd_eval(args):
+    from .finetune import evaluate_adapter
+
+    print(json.dumps(evaluate_adapter(args.adapter, args.data, args.data_file, args.text_column, args.label_column, args.split, args.weights), indent=2))
+
+
+def read_texts(args) -> list[str]:
+    from .data.classification import read_text_file
+
+    if args.input:
+        return [line for line in read_text_file(args.input).splitlines() if line.strip()]
+    if args.texts == ["-"]:
+        try:
+            return [line for line in sys.stdin.read().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise LoraftError("standard input is not UTF-8 text") from None
+    return args.texts
+
+
+def cmd_classify(args):
+    from .classifier import predict_proba
+    from .finetune import load_classifier
+
+    texts = read_texts(args)
+    if not texts:
+        raise LoraftError("nothing to classify: give texts, --input FILE, or - for standard input")
+    if any(not t.strip() for t in texts):
+        raise LoraftError("a text to classify is empty")
+    model, tokenizer, meta = load_classifier(args.adapter, args.weights)
+    probs = predict_proba(model, tokenizer, texts, meta["max_length"], meta["pooling"], autocast=True)
+    for text, p in zip(texts, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        print(json.dumps({"text": text, "label": meta["label_names"][best], "probabilities": dict(zip(meta["label_names"], p))}, ensure_ascii=False))
+
+
+def cmd_export_peft(args):
+    from .peft_format import export_peft
+
+    print(f"PEFT adapter written to {export_peft(args.adapter, args.out)}")
+
+
+def cmd_import_peft(args):
+    from .adapters import save_adapter
+    from .models import load_model
+    from .peft_format import import_peft
+
+    model, _ = load_model(args.model, args.weights)
+    config = import_peft(args.peft, model)
+    task = {}
+    if config.get("task_type") == "SEQ_CLS":
+        n_classes = model.out_head.copies["default"].out_features
+        names = args.label_names or [f"class{i}" for i in range(n_classes)]
+        if len(names) != n_classes:
+            raise LoraftError(f"--label-names gives {len(names)} names; the adapter's head has {n_classes} classes")
+        task = dict(task="classification", label_names=names, max_length=args.max_length, pooling="last", method="lora")
+    print(f"loraft adapter written to {save_adapter(model, args.out, **task)}")
+
+
+def add_data_flags(parser):
+    parser.add_argument("--data", default="sms-spam", help="'sms-spam' (default) or a .csv/.tsv/.jsonl file")
+    parser.add_argument("--data-file", help="sms-spam only: a local SMSSpamCollection file")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+
+
 def add_model_flags(parser):
     from .models import DEFAULT_MODEL
 
@@ -53,7 +160,80 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(run=cmd_generate)
+
+    i = sub.add_parser("info", help="module tree and total/trainable/frozen parameter counts")
+    add_model_flags(i)
+    i.add_argument("--rank", type=int, default=0, help="apply LoRA of this rank (0: none)")
+    i.add_argument("--alpha", type=float, default=16)
+    i.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
+    i.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    i.add_argument("--num-classes", type=int, default=0, help="replace the output head by a classification head")
+    i.set_defaults(run=cmd_info)
+
+    t = sub.add_parser("train", help="fine-tune a text classifier (default: SmolLM2 on SMS spam, LoRA)")
+    add_model_flags(t)
+    add_data_flags(t)
+    t.add_argument("--val-file")
+    t.add_argument("--test-file")
+    t.add_argument("--out", default="runs/sms-spam", help="output folder (default runs/sms-spam)")
+    t.add_argument("--method", default="lora", choices=["lora", "full", "last-block", "last-two-blocks", "head"])
+    t.add_argument("--rank", type=int, default=16)
+    t.add_argument("--alpha", type=float, default=16)
+    t.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
+    t.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    t.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
+    t.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
+    add_train_flags(t)
+    t.set_defaults(run=cmd_train)
+
+    e = sub.add_parser("eval", help="metrics of a classification adapter on a data split, as JSON")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--weights", help="GPT-2 base only: local weights")
+    add_data_flags(e)
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.set_defaults(run=cmd_eval)
+
+    c = sub.add_parser("classify", help="classify texts with an adapter: one JSON line per text")
+    c.add_argument("--adapter", required=True)
+    c.add_argument("--weights", help="GPT-2 base only: local weights")
+    c.add_argument("--input", help="a UTF-8 file, one text per line")
+    c.add_argument("texts", nargs="*", help="texts, or - to read standard input")
+    c.set_defaults(run=cmd_classify)
+
+    x = sub.add_parser("export-peft", help="write a loraft adapter as a Hugging Face PEFT adapter folder")
+    x.add_argument("--adapter", required=True)
+    x.add_argument("--out", required=True)
+    x.set_defaults(run=cmd_export_peft)
+
+    m = sub.add_parser("import-peft", help="read a Hugging Face PEFT LoRA folder into a loraft adapter folder")
+    m.add_argument("--peft", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
+    add_model_flags(m)
+    m.add_argument("--out", required=True)
+    m.add_argument("--label-names", nargs="+", help="classification adapters: the class names, in order")
+    m.add_argument("--max-length", type=int, default=128)
+    m.set_defaults(run=cmd_import_peft)
     return p
+
+
+def add_train_flags(parser):
+    from .train import SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup", type=float, default=d.warmup, help="fraction of the steps spent warming up")
+    parser.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    parser.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping (0: off)")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between evaluations/checkpoints")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
 
 
 def main(argv=None):
@@ -64,7 +244,7 @@ def main(argv=None):
         print(f"loraft: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("loraft: interrupted", file=sys.stderr)
+        print("loraft: interrupted (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         sys.exit(130)
 
 

@@ -193,6 +193,7 @@ def add_module_to_save(model: nn.Module, module_name: str, new: nn.Module, name:
         module = ModuleToSave(module, state)
         replace_module(model, module_name, module)
     module.copies[name] = new.to(next(module.original.parameters()).device)
+    set_active(model, name)
     state.configs.setdefault(name, dict(target_modules=[], modules_to_save={}))["modules_to_save"][module_name] = dict(
         in_features=new.in_features, out_features=new.out_features, bias=new.bias is not None
     )

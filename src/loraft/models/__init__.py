@@ -53,15 +53,18 @@ def build(architecture: str, config) -> nn.Module:
     return gpt2.GPTModel(config) if architecture == "gpt2" else llama.Llama(config)
 
 
-def parameter_count(name: str) -> int:
-    """Parameters of a known model, counted on the meta device (no memory, no weights)."""
-    if name == "smollm2-135m":
-        config = llama.LlamaConfig()
-    else:
-        config = gpt2.SIZES[name]
+def build_empty(name: str) -> nn.Module:
+    """A known model's architecture on the meta device: no memory, no weights (for counting)."""
+    info = resolve(name)
+    config = llama.LlamaConfig() if info.architecture == "llama" else gpt2.SIZES[name]
     with torch.device("meta"):
-        model = build(MODELS[name].architecture, config)
-    return sum(p.numel() for p in model.parameters())
+        model = build(info.architecture, config)
+    model.name = name
+    return model
+
+
+def parameter_count(name: str) -> int:
+    return sum(p.numel() for p in build_empty(name).parameters())
 
 
 def resolve(name_or_path: str) -> ModelInfo | Path:

@@ -1,0 +1,108 @@
+"""A language model as a text classifier: pool the final hidden states of each text at one position
+(the last real token by default, as in the book), and apply a new head only there."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.classification import Batch, ClassificationData, Split, collate
+from .errors import LoraftError
+from .evaluate import classification_metrics
+from .lora import add_module_to_save
+
+POOLINGS = ("last", "first", "mean")
+
+
+def add_classification_head(model: nn.Module, num_classes: int, adapter: str = "default"):
+    """A new `out_head` (emb_dim -> num_classes, no bias, like transformers' `score`) for `adapter`,
+    trained in full and saved with it; the language-model head stays for the base model."""
+    head = nn.Linear(model.config.emb_dim, num_classes, bias=False)
+    add_module_to_save(model, "out_head", head, adapter)
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(batch, tokens, dim) -> (batch, dim) for right-padded rows with `lengths` real tokens.
+
+    Causal attention means real tokens never see the padding after them, so no mask is needed."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        return hidden[rows, lengths.to(hidden.device) - 1]
+    if pooling == "first":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None]
+        return (hidden * mask[..., None]).sum(1) / lengths.to(hidden.device)[:, None]
+    raise LoraftError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+def classify_logits(model: nn.Module, batch: Batch, pooling: str = "last") -> torch.Tensor:
+    device = next(model.parameters()).device
+    hidden = model.hidden_states(batch.input_ids.to(device))
+    return model.out_head(pool(hidden, batch.lengths, pooling)).float()
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer, texts: list[str], max_length: int, pooling: str = "last", batch_size: int = 32, autocast: bool = False):
+    """Class probabilities (len(texts), num_classes), batched by length to pad little."""
+    token_lists = tokenizer.encode_batch(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))
+    probs = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([token_lists[i] for i in rows], [0] * len(rows), tokenizer.pad_id, max_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = classify_logits(model, batch, pooling)
+        for i, p in zip(rows, torch.softmax(logits, -1)):
+            probs[i] = p
+    return torch.stack(probs) if probs else torch.empty(0)
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generator, pool_batches: int = 16):
+    """Random batches of similar lengths: shuffle, sort each pool of `pool_batches` batches by length,
+    cut it into batches, shuffle the batches. Little padding, and the order stays random."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    pool_size = batch_size * pool_batches
+    for start in range(0, len(order), pool_size):
+        pool_rows = sorted(order[start : start + pool_size], key=lambda i: lengths[i])
+        batches += [pool_rows[i : i + batch_size] for i in range(0, len(pool_rows), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class ClassificationTask:
+    """Training batches, loss and validation metrics for `Trainer`."""
+
+    best_metric = "accuracy"
+
+    def __init__(self, tokenizer, data: ClassificationData, max_length: int, pooling: str, seed: int, autocast: bool):
+        self.tokenizer, self.data = tokenizer, data
+        self.max_length, self.pooling, self.seed, self.autocast = max_length, pooling, seed, autocast
+        self.train_tokens = [ids[:max_length] for ids in tokenizer.encode_batch(data.train.texts)]
+
+    def train_batches(self, epoch: int, batch_size: int) -> list[Batch]:
+        rng = np.random.default_rng([self.seed, epoch])
+        rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
+        return [
+            collate([self.train_tokens[i] for i in r], [self.data.train.labels[i] for i in r], self.tokenizer.pad_id, self.max_length)
+            for r in rows
+        ]
+
+    def loss(self, model, batch: Batch):
+        logits = classify_logits(model, batch, self.pooling)
+        loss = nn.functional.cross_entropy(logits, batch.labels)
+        return loss, {"correct": int((logits.argmax(-1) == batch.labels).sum()), "count": len(batch.labels)}
+
+    def evaluate(self, model) -> dict:
+        return evaluate_split(model, self.tokenizer, self.data.val, self.data.label_names, self.max_length, self.pooling, self.autocast)
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return int(batch.lengths.sum())
+
+
+def evaluate_split(model, tokenizer, split: Split, label_names, max_length, pooling="last", autocast=False) -> dict:
+    was_training = model.training
+    model.eval()
+    probs = predict_proba(model, tokenizer, split.texts, max_length, pooling, autocast=autocast)
+    model.train(was_training)
+    loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(split.labels)).item() if len(split) else 0.0
+    return {"loss": loss, **classification_metrics(split.labels, probs.argmax(-1).tolist(), label_names)}

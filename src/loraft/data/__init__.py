@@ -1,0 +1,1 @@
+"""Datasets: the SMS Spam Collection (the book's), any user classification file, instruction data."""

@@ -1,0 +1,233 @@
+"""The one training loop (classification and instruction tuning share it).
+
+AdamW on the trainable parameters, warmup then decay, gradient accumulation and clipping, bf16
+autocast, evaluation every N optimizer steps, the best weights by validation kept, and a checkpoint
+(trainable weights, optimizer, scheduler, RNG, position in the data) from which `resume` continues
+an interrupted run to the same result as an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .errors import LoraftError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of all optimizer steps
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    clip: float = 1.0
+    eval_every: int = 50  # optimizer steps; also how often a checkpoint is written
+    seed: int = 123
+    bf16: bool = True
+
+
+class Task(Protocol):
+    """What the loop needs to know about a task."""
+
+    best_metric: str  # a key of evaluate()'s result; higher is better unless it ends in "loss"
+
+    def train_batches(self, epoch: int, batch_size: int) -> list: ...  # the same list for the same epoch
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]: ...  # mean loss, {"correct", "count"}
+
+    def evaluate(self, model) -> dict: ...  # validation metrics
+
+    def batch_tokens(self, batch) -> int: ...
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1 - progress
+    return 1.0
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False):
+        if cfg.schedule not in SCHEDULES:
+            raise LoraftError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
+            if getattr(cfg, name) < 1:
+                raise LoraftError(f"--{name.replace('_', '-')} must be at least 1")
+        self.model, self.task, self.cfg, self.out = model, task, cfg, Path(out)
+        self.on_best = on_best  # called with the model whenever validation improves (saves the adapter)
+        self.quiet = quiet
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise LoraftError("nothing to train: no parameter requires a gradient")
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(task.train_batches(0, cfg.batch_size)) / cfg.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        warmup = round(cfg.warmup * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, cfg.schedule)
+        )
+        self.state = {
+            "epoch": 0, "batch": 0, "step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0,
+            "loss_sum": 0.0, "correct": 0, "count": 0, "batches_since_eval": 0, "best": None, "best_step": None,
+        }  # fmt: skip
+        self.best_weights = None
+        self.checkpoint_file = self.out / "checkpoint.pt"
+        self.metrics_file = self.out / "metrics.jsonl"
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self):
+        atomic_torch_save(
+            {
+                "params": {n: p.detach().clone() for n, p in self.params.items()},
+                "best_weights": self.best_weights,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "state": dict(self.state),
+                "config": asdict(self.cfg),
+            },
+            self.checkpoint_file,
+        )
+
+    def load_checkpoint(self):
+        if not self.checkpoint_file.is_file():
+            raise LoraftError(f"--resume: no checkpoint in {self.out}")
+        try:
+            ckpt = torch.load(self.checkpoint_file, weights_only=True)
+        except Exception as e:
+            raise LoraftError(f"--resume: {self.checkpoint_file} is unreadable ({type(e).__name__})") from None
+        if ckpt["config"] != asdict(self.cfg):
+            changed = {k: (ckpt["config"][k], v) for k, v in asdict(self.cfg).items() if ckpt["config"].get(k) != v}
+            raise LoraftError(f"--resume: the run in {self.out} used other settings: {changed} (was, now)")
+        if set(ckpt["params"]) != set(self.params):
+            raise LoraftError(f"--resume: the checkpoint in {self.out} trains other parameters than this model")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(ckpt["params"][n])
+        self.best_weights = ckpt["best_weights"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        self.state = ckpt["state"]
+        # Rows logged after the checkpoint will be logged again.
+        if self.metrics_file.is_file():
+            rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+            kept = [r for r in rows if r["step"] <= self.state["step"]]
+            self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # ------------------------------------------------------------ the loop
+
+    def log_evaluation(self):
+        s = self.state
+        val = self.task.evaluate(self.model)
+        row = {
+            "step": s["step"],
+            "epoch": s["step"] / self.steps_per_epoch,
+            "examples_seen": s["examples"],
+            "train_loss": s["loss_sum"] / max(1, s["batches_since_eval"]),
+            **({"train_accuracy": s["correct"] / s["count"]} if s["count"] else {}),
+            **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
+        }
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        s["loss_sum"], s["correct"], s["count"], s["batches_since_eval"] = 0.0, 0, 0, 0
+        value = row[f"val_{self.task.best_metric}"]
+        if is_better(self.task.best_metric, value, s["best"]):
+            s["best"], s["best_step"] = value, s["step"]
+            self.best_weights = {n: p.detach().clone() for n, p in self.params.items()}
+            if self.on_best:
+                self.on_best(self.model)
+        self.save_checkpoint()
+        return row
+
+    def run(self, resume: bool = False) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        else:
+            torch.manual_seed(self.cfg.seed)
+            self.metrics_file.write_text("")
+        cfg, s = self.cfg, self.state
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=s["step"], disable=self.quiet, unit="step", dynamic_ncols=True)
+        while s["epoch"] < cfg.epochs:
+            batches = self.task.train_batches(s["epoch"], cfg.batch_size)
+            while s["batch"] < len(batches):
+                started = time.perf_counter()
+                group = batches[s["batch"] : s["batch"] + cfg.grad_accum]
+                examples = sum(len(b.labels) for b in group)
+                for batch in group:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss, stats = self.task.loss(self.model, batch)
+                    (loss * len(batch.labels) / examples).backward()
+                    s["loss_sum"] += loss.item() * len(batch.labels) / examples
+                    s["correct"] += stats.get("correct", 0)
+                    s["count"] += stats.get("count", 0)
+                    s["tokens"] += self.task.batch_tokens(batch)
+                if cfg.clip > 0:
+                    nn.utils.clip_grad_norm_(self.params.values(), cfg.clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                s["batch"] += len(group)
+                s["step"] += 1
+                s["examples"] += examples
+                s["batches_since_eval"] += 1
+                s["train_seconds"] += time.perf_counter() - started
+                bar.update(1)
+                postfix = {"loss": f"{s['loss_sum'] / s['batches_since_eval']:.3f}"}
+                if s["count"]:
+                    postfix["acc"] = f"{s['correct'] / s['count']:.3f}"
+                bar.set_postfix(postfix)
+                end_of_epoch = s["batch"] >= len(batches)
+                if end_of_epoch:
+                    s["epoch"], s["batch"] = s["epoch"] + 1, 0
+                if s["step"] % cfg.eval_every == 0 or end_of_epoch:
+                    row = self.log_evaluation()
+                    if not self.quiet:
+                        bar.write(self.describe(row))
+                    self.model.train()
+                if end_of_epoch:
+                    break
+        bar.close()
+        if self.best_weights is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.best_weights[n])
+        self.model.eval()
+        return dict(s)
+
+    def describe(self, row: dict) -> str:
+        parts = [f"step {row['step']}", f"epoch {row['epoch']:.2f}", f"train loss {row['train_loss']:.3f}"]
+        parts += [f"{k.replace('_', ' ')} {v:.3f}" for k, v in row.items() if k.startswith("val_") and k != "val_count"]
+        return ", ".join(parts)

@@ -1,0 +1,117 @@
+"""The training job end to end through the CLI, on a tiny random GPT-2 (fast) and real SMS data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from .conftest import SMS_FILE
+from .test_cli import assert_clear_error, loraft
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_sms_tsv(tmp_path_factory):
+    """120 real messages, 60 of each class, as a user TSV file."""
+    lines = [line.split("\t", 1) for line in SMS_FILE.read_text(encoding="utf-8").splitlines()]
+    rows = [l for l in lines if l[0] == "ham"][:60] + [l for l in lines if l[0] == "spam"][:60]
+    path = tmp_path_factory.mktemp("data") / "sms.tsv"
+    path.write_text("label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    return path
+
+
+def train_args(weights, data, out, *extra):
+    return [
+        "train", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
+        "--epochs", "40", "--eval-every", "4", "--lr", "1e-3", "--rank", "4", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "whole"))
+    assert result.returncode == 0, result.stderr
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out)])
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not (out / "report.json").exists()
+
+    resumed = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    whole, again = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "killed"))
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test", "best_step"):
+        assert whole[key] == again[key], key
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == metrics.read_text().count("\n")
+    adapter = "adapter/adapter.safetensors"
+    assert (tmp_path / "whole" / adapter).read_bytes() == (out / adapter).read_bytes()
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run"))
+    assert_clear_error(result, "already holds a run", "--resume", "--overwrite")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("cols.tsv", "label\tmessage\nham\thi\nspam\tyo\n", "no column 'text'"),
+        ("one.tsv", "label\ttext\nham\thi\nham\tyo\n", "single class"),
+        ("blank.tsv", "label\ttext\nham\thi\nspam\t  \n", "the text is empty"),
+        ("latin.tsv", "label\ttext\nham\tcaf\xe9\nspam\tyo\n", "is not UTF-8"),
+    ],
+)
+def test_bad_training_data_writes_nothing(tmp_path, tiny_gpt2_weights, name, content, message):
+    data = tmp_path / name
+    data.write_bytes(content.encode("latin-1"))
+    out = tmp_path / "out"
+    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, data, out)), message)
+    assert not out.exists()
+    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, tmp_path / "missing.tsv", out)), "data file not found")
+
+
+def test_eval_and_classify_with_bad_input(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    out = tmp_path / "run"
+    assert loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--epochs", "2")).returncode == 0  # the last --epochs wins
+    adapter = out / "adapter"
+
+    evaluated = loraft("eval", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["count"] == 24
+
+    unknown = tmp_path / "unknown.tsv"
+    unknown.write_text("label\ttext\nham\thi\nmaybe\tyo\n")
+    assert_clear_error(
+        loraft("eval", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "--data", str(unknown)),
+        "['maybe'] are not among the known labels",
+    )
+    assert_clear_error(loraft("classify", "--adapter", str(tmp_path), "hello"), "not a loraft adapter folder")
+    assert_clear_error(loraft("classify", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), ""), "empty")
+    classified = loraft("classify", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "Win a prize now", "see you")
+    assert classified.returncode == 0, classified.stderr
+    lines = [json.loads(line) for line in classified.stdout.splitlines()]
+    assert [line["text"] for line in lines] == ["Win a prize now", "see you"]
+    assert all(set(line["probabilities"]) == {"ham", "spam"} and line["label"] in ("ham", "spam") for line in lines)
