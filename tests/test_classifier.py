@@ -34,3 +34,17 @@ def test_length_buckets_cover_every_row_once_and_stay_random():
         for b in (list(range(s, min(s + 8, 1045))) for s in range(0, 1045, 8))
     )
     assert padding < unsorted_padding / 4
+
+
+def test_text_format_truncates_the_text_and_keeps_the_template(smollm2):
+    from loraft.classifier import TextFormat
+    from loraft.errors import LoraftError
+
+    _, tokenizer = smollm2
+    fmt = TextFormat("SMS: {text}<|im_end|>", max_length=8)
+    long, short = fmt.encode(tokenizer, ["one two three four five six seven eight nine ten", "hi"])
+    prefix = tokenizer.encode("SMS: ")
+    assert len(long) == 8 and long[-1] == tokenizer.eos_id and long[: len(prefix)] == prefix
+    assert short == tokenizer.encode("SMS: ") + tokenizer.encode("hi") + [tokenizer.eos_id]
+    with pytest.raises(LoraftError, match="must contain"):
+        TextFormat("no placeholder")

@@ -81,10 +81,12 @@ def test_fresh_adapter_is_identity_then_merge_equals_unmerged(build):
     assert (unmerged - before).abs().max() > 1e-3  # training changed something
     lora.merge(model)
     merged = model(IDS).detach()
-    assert (merged - unmerged).abs().max() <= 1e-5
+    # fp32 rounding of W + scale*BA: 1e-5 of the logits' own scale (these reach ~10).
+    scale = unmerged.abs().max()
+    assert (merged - unmerged).abs().max() <= 1e-5 * scale
     lora.unmerge(model)
     assert (model.trf_blocks[0].att.W_query.base.weight - weight_before).abs().max() <= 1e-6
-    assert (model(IDS) - unmerged).abs().max() <= 1e-4
+    assert (model(IDS) - unmerged).abs().max() <= 1e-5 * scale
 
 
 def test_merging_keeps_the_adapters_own_head():

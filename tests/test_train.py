@@ -115,3 +115,19 @@ def test_eval_and_classify_with_bad_input(tmp_path, tiny_gpt2_weights, small_sms
     lines = [json.loads(line) for line in classified.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["Win a prize now", "see you"]
     assert all(set(line["probabilities"]) == {"ham", "spam"} and line["label"] in ("ham", "spam") for line in lines)
+
+
+@pytest.mark.parametrize("method", ["head", "last-block", "full"])
+def test_baseline_methods_train_save_and_load(tmp_path, tiny_gpt2_weights, small_sms_tsv, method):
+    out = tmp_path / method
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--epochs", "2", "--method", method))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["target_modules"] == [] and meta["method"] == method
+    trained = {"head": 0, "last-block": 12 + 2, "full": None}[method]  # a GPT-2 block has 12 tensors, + final norm
+    if trained is not None:
+        assert len(meta.get("trained_parameters", [])) == trained
+    evaluated = loraft("eval", "--adapter", str(out / "adapter"), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert abs(json.loads(evaluated.stdout)["accuracy"] - report["test_accuracy"]) <= 1 / 24

@@ -6,15 +6,14 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
 from .errors import LoraftError
 from .lora import LoRALinear, ModuleToSave, add_module_to_save, adapter_names, adapter_state, apply_lora
 from .models import architecture_of
-from .weights import weights_fingerprint
+from .weights import read_json, read_safetensors, weights_fingerprint
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -82,17 +81,10 @@ def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_file.is_file() or not weights_file.is_file():
         raise LoraftError(f"{folder} is not a loraft adapter folder (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraftError(f"{config_file} is not valid JSON ({e})") from None
+    meta = read_json(config_file)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LoraftError(f"{config_file} is not a loraft adapter description (format {FORMAT!r})")
-    try:
-        tensors = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraftError(f"{weights_file} is truncated or corrupt ({e})") from None
-    return meta, tensors
+    return meta, read_safetensors(weights_file)
 
 
 def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], folder):

@@ -1,6 +1,8 @@
 """A language model as a text classifier: pool the final hidden states of each text at one position
 (the last real token by default, as in the book), and apply a new head only there."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -35,6 +37,33 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     raise LoraftError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
+@dataclass
+class TextFormat:
+    """How a text becomes the model's input; an adapter records it, and every use applies it alike."""
+
+    template: str = "{text}"  # e.g. "{text}<|im_end|>": a fixed last token to pool at
+    max_length: int = 128  # tokens; the text is truncated, the template's own tokens are kept
+    pooling: str = "last"
+
+    def __post_init__(self):
+        if self.template.count("{text}") != 1:
+            raise LoraftError(f"--template must contain {{text}} once, got {self.template!r}")
+        if self.pooling not in POOLINGS:
+            raise LoraftError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
+
+    def encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        prefix, suffix = self.template.split("{text}")
+        before = tokenizer.encode(prefix) if prefix else []
+        after = tokenizer.encode(suffix) if suffix else []
+        room = self.max_length - len(before) - len(after)
+        if room < 1:
+            raise LoraftError(f"--max-length {self.max_length} leaves no room for the text beside the template")
+        return [before + ids[:room] + after for ids in tokenizer.encode_batch(texts)]
+
+    def as_dict(self) -> dict:
+        return {"template": self.template, "max_length": self.max_length, "pooling": self.pooling}
+
+
 def classify_logits(model: nn.Module, batch: Batch, pooling: str = "last") -> torch.Tensor:
     device = next(model.parameters()).device
     hidden = model.hidden_states(batch.input_ids.to(device))
@@ -42,16 +71,16 @@ def classify_logits(model: nn.Module, batch: Batch, pooling: str = "last") -> to
 
 
 @torch.no_grad()
-def predict_proba(model, tokenizer, texts: list[str], max_length: int, pooling: str = "last", batch_size: int = 32, autocast: bool = False):
+def predict_proba(model, tokenizer, texts: list[str], fmt: TextFormat, batch_size: int = 32, autocast: bool = False):
     """Class probabilities (len(texts), num_classes), batched by length to pad little."""
-    token_lists = tokenizer.encode_batch(texts)
+    token_lists = fmt.encode(tokenizer, texts)
     order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))
     probs = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = collate([token_lists[i] for i in rows], [0] * len(rows), tokenizer.pad_id, max_length)
+        batch = collate([token_lists[i] for i in rows], [0] * len(rows), tokenizer.pad_id, fmt.max_length)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = classify_logits(model, batch, pooling)
+            logits = classify_logits(model, batch, fmt.pooling)
         for i, p in zip(rows, torch.softmax(logits, -1)):
             probs[i] = p
     return torch.stack(probs) if probs else torch.empty(0)
@@ -74,35 +103,34 @@ class ClassificationTask:
 
     best_metric = "accuracy"
 
-    def __init__(self, tokenizer, data: ClassificationData, max_length: int, pooling: str, seed: int, autocast: bool):
-        self.tokenizer, self.data = tokenizer, data
-        self.max_length, self.pooling, self.seed, self.autocast = max_length, pooling, seed, autocast
-        self.train_tokens = [ids[:max_length] for ids in tokenizer.encode_batch(data.train.texts)]
+    def __init__(self, tokenizer, data: ClassificationData, fmt: TextFormat, seed: int, autocast: bool):
+        self.tokenizer, self.data, self.fmt, self.seed, self.autocast = tokenizer, data, fmt, seed, autocast
+        self.train_tokens = fmt.encode(tokenizer, data.train.texts)
 
     def train_batches(self, epoch: int, batch_size: int) -> list[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
         return [
-            collate([self.train_tokens[i] for i in r], [self.data.train.labels[i] for i in r], self.tokenizer.pad_id, self.max_length)
+            collate([self.train_tokens[i] for i in r], [self.data.train.labels[i] for i in r], self.tokenizer.pad_id, self.fmt.max_length)
             for r in rows
         ]
 
     def loss(self, model, batch: Batch):
-        logits = classify_logits(model, batch, self.pooling)
+        logits = classify_logits(model, batch, self.fmt.pooling)
         loss = nn.functional.cross_entropy(logits, batch.labels)
         return loss, {"correct": int((logits.argmax(-1) == batch.labels).sum()), "count": len(batch.labels)}
 
     def evaluate(self, model) -> dict:
-        return evaluate_split(model, self.tokenizer, self.data.val, self.data.label_names, self.max_length, self.pooling, self.autocast)
+        return evaluate_split(model, self.tokenizer, self.data.val, self.data.label_names, self.fmt, self.autocast)
 
     def batch_tokens(self, batch: Batch) -> int:
         return int(batch.lengths.sum())
 
 
-def evaluate_split(model, tokenizer, split: Split, label_names, max_length, pooling="last", autocast=False) -> dict:
+def evaluate_split(model, tokenizer, split: Split, label_names, fmt: TextFormat, autocast=False) -> dict:
     was_training = model.training
     model.eval()
-    probs = predict_proba(model, tokenizer, split.texts, max_length, pooling, autocast=autocast)
+    probs = predict_proba(model, tokenizer, split.texts, fmt, autocast=autocast)
     model.train(was_training)
     loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(split.labels)).item() if len(split) else 0.0
     return {"loss": loss, **classification_metrics(split.labels, probs.argmax(-1).tolist(), label_names)}

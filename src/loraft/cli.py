@@ -70,7 +70,7 @@ def cmd_train(args):
         data=args.data, data_file=args.data_file, text_column=args.text_column, label_column=args.label_column,
         val_file=args.val_file, test_file=args.test_file, method=args.method, rank=args.rank, alpha=args.alpha,
         scaling=args.scaling, targets=args.targets, dropout=args.dropout, max_length=args.max_length,
-        pooling=args.pooling, **train_options(args),
+        pooling=args.pooling, template=args.template, **train_options(args),
     )  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def read_texts(args) -> list[str]:
 
 def cmd_classify(args):
     from .classifier import predict_proba
-    from .finetune import load_classifier
+    from .finetune import load_classifier, text_format
 
     texts = read_texts(args)
     if not texts:
@@ -103,7 +103,7 @@ def cmd_classify(args):
     if any(not t.strip() for t in texts):
         raise LoraftError("a text to classify is empty")
     model, tokenizer, meta = load_classifier(args.adapter, args.weights)
-    probs = predict_proba(model, tokenizer, texts, meta["max_length"], meta["pooling"], autocast=True)
+    probs = predict_proba(model, tokenizer, texts, text_format(meta), autocast=True)
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
         print(json.dumps({"text": text, "label": meta["label_names"][best], "probabilities": dict(zip(meta["label_names"], p))}, ensure_ascii=False))
@@ -128,7 +128,7 @@ def cmd_import_peft(args):
         names = args.label_names or [f"class{i}" for i in range(n_classes)]
         if len(names) != n_classes:
             raise LoraftError(f"--label-names gives {len(names)} names; the adapter's head has {n_classes} classes")
-        task = dict(task="classification", label_names=names, max_length=args.max_length, pooling="last", method="lora")
+        task = dict(task="classification", label_names=names, template="{text}", max_length=args.max_length, pooling="last", method="lora")
     print(f"loraft adapter written to {save_adapter(model, args.out, **task)}")
 
 
@@ -184,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
     t.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
     t.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
+    t.add_argument("--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'")
     add_train_flags(t)
     t.set_defaults(run=cmd_train)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import lora
 from .adapters import load_adapter, read_adapter, save_adapter
-from .classifier import ClassificationTask, add_classification_head, evaluate_split
+from .classifier import ClassificationTask, TextFormat, add_classification_head, evaluate_split
 from .data.classification import ClassificationData, load_classification_data
 from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
@@ -88,6 +88,7 @@ def train_classifier(
     dropout=0.0,
     max_length=128,
     pooling="last",
+    template="{text}",
     resume=False,
     overwrite=False,
     quiet=False,
@@ -97,6 +98,7 @@ def train_classifier(
     options = {k: v for k, v in locals().items() if k != "train"}
     cfg = train or TrainConfig()
     cfg.bf16 = cfg.bf16 and bf16_supported()
+    fmt = TextFormat(template, max_length, pooling)
     out = Path(out)
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, cfg.seed)
     check_out_folder(out, resume, overwrite)
@@ -106,13 +108,13 @@ def train_classifier(
     prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
     if cfg.bf16 and method in ("lora", "head"):
         cast_frozen_weights(base, torch.bfloat16)
-    task = ClassificationTask(tokenizer, dataset, max_length, pooling, cfg.seed, cfg.bf16)
-    adapter_meta = dict(task="classification", label_names=dataset.label_names, max_length=max_length, pooling=pooling, method=method)
+    task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
+    adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, indent=2) + "\n")
 
     def evaluate(split):
-        return evaluate_split(base, tokenizer, split, dataset.label_names, max_length, pooling, cfg.bf16)
+        return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
 
     before_file = out / "before.json"
     if resume and before_file.is_file():
@@ -157,6 +159,10 @@ def train_classifier(
     return report
 
 
+def text_format(meta: dict) -> TextFormat:
+    return TextFormat(meta.get("template", "{text}"), meta["max_length"], meta["pooling"])
+
+
 def load_classifier(adapter_dir, weights=None):
     """(model, tokenizer, adapter metadata) ready to classify, the adapter merged for speed."""
     meta, _ = read_adapter(adapter_dir)
@@ -192,4 +198,4 @@ def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="
         dataset = ClassificationData(*parts, names)
     chosen = whole if split == "all" else getattr(dataset, split)
     model, tokenizer, meta = load_classifier(adapter_dir, weights)
-    return {"adapter": str(adapter_dir), "data": data, "split": split, **evaluate_split(model, tokenizer, chosen, names, meta["max_length"], meta["pooling"], True)}
+    return {"adapter": str(adapter_dir), "data": data, "split": split, **evaluate_split(model, tokenizer, chosen, names, text_format(meta), True)}

@@ -63,7 +63,8 @@ class LoRALinear(nn.Module):
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         x = nn.functional.dropout(x, self.dropout[name], self.training)
-        return nn.functional.linear(nn.functional.linear(x.to(A.dtype), A), B) * self.scale[name]
+        # Under autocast the matmuls run in bf16 whatever A and B are stored in (fp32, for AdamW).
+        return nn.functional.linear(nn.functional.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scale[name]
 
     def forward(self, x):
         out = self.base(x)

@@ -12,14 +12,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import atomic_write, read_adapter
 from .errors import LoraftError
 from .lora import SCALINGS, LoRALinear, add_module_to_save, adapter_names, apply_lora
 from .models import architecture_of
+from .weights import read_json, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -140,10 +140,7 @@ def read_peft(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         raise LoraftError(f"{folder} is not a PEFT adapter folder (it has no {CONFIG_FILE})")
     if not weights_file.is_file():
         raise LoraftError(f"{folder} has no {WEIGHTS_FILE} (loraft never unpickles adapter_model.bin)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoraftError(f"{config_file} is not valid JSON ({e})") from None
+    config = read_json(config_file)
     if not isinstance(config, dict):
         raise LoraftError(f"{config_file} is not a PEFT adapter config")
     if config.get("peft_type") != "LORA":
@@ -160,11 +157,7 @@ def read_peft(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     for option, value in config.items():
         if option not in NEUTRAL_OPTIONS and value:
             raise LoraftError(f"{config_file}: PEFT option {option}={value!r} is not supported")
-    try:
-        tensors = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraftError(f"{weights_file} is truncated or corrupt ({e})") from None
-    return config, tensors
+    return config, read_safetensors(weights_file)
 
 
 def pattern_value(patterns: dict, module: str, default):

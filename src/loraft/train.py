@@ -63,10 +63,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def is_better(metric: str, value: float, best: float | None) -> bool:
+def is_better(metric: str, row: dict, best: list | None) -> bool:
+    """Higher `metric` wins (lower, for a loss); a tie goes to the lower validation loss, since 149
+    validation texts tie often."""
     if best is None:
         return True
-    return value < best if metric.endswith("loss") else value > best
+    value, loss = row[f"val_{metric}"], row["val_loss"]
+    if metric.endswith("loss"):
+        return value < best[0]
+    return (value, -loss) > (best[0], -best[1])
 
 
 def atomic_torch_save(obj, path: Path):
@@ -161,9 +166,8 @@ class Trainer:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         s["loss_sum"], s["correct"], s["count"], s["batches_since_eval"] = 0.0, 0, 0, 0
-        value = row[f"val_{self.task.best_metric}"]
-        if is_better(self.task.best_metric, value, s["best"]):
-            s["best"], s["best_step"] = value, s["step"]
+        if is_better(self.task.best_metric, row, s["best"]):
+            s["best"], s["best_step"] = [row[f"val_{self.task.best_metric}"], row["val_loss"]], s["step"]
             self.best_weights = {n: p.detach().clone() for n, p in self.params.items()}
             if self.on_best:
                 self.on_best(self.model)

@@ -44,11 +44,18 @@ def sha256_of(path: Path) -> str:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise LoraftError(f"weight file not found: {path}")
+        raise LoraftError(f"file not found: {path}")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise LoraftError(f"{path} is not a readable safetensors file ({e})") from None
+        raise LoraftError(f"{path} is truncated or corrupt: not a readable safetensors file ({e})") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraftError(f"{path} is not valid JSON ({e})") from None
 
 
 def local_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -69,7 +69,7 @@ class MultiHeadAttention(nn.Module):
         )
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.drop_rate if self.training else 0.0)
+        out = causal_attention(q, k, v, self.training, self.drop_rate if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
