@@ -56,6 +56,9 @@ def prepare_model(model: nn.Module, method: str, num_classes: int, rank, alpha, 
         for module in chosen:
             for param in module.parameters():
                 param.requires_grad_(True)
+        for name, param in model.named_parameters():  # a tied head is listed once, as the embedding
+            if name.startswith("out_head.original."):  # the LM head: a classifier never runs it
+                param.requires_grad_(False)
     lora.adapter_state(model).configs["default"]["trained_parameters"] = [
         name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name and ".copies." not in name
     ]
@@ -111,7 +114,8 @@ def train_classifier(
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
     adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, indent=2) + "\n")
+    config = {**options, "targets": list(targets), "train": asdict(cfg)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
 
     def evaluate(split):
         return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
@@ -130,6 +134,7 @@ def train_classifier(
               f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}")  # fmt: skip
     state = trainer.run(resume)
     save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
+    lora.merge(base)  # faster, and what `loraft classify` and `loraft eval` run
     results = {name: evaluate(getattr(dataset, name)) for name in ("train", "val", "test")}
     report = {
         "model": model,

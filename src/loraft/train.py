@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of all optimizer steps
     schedule: str = "cosine"

@@ -163,7 +163,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str
             ours + "norm2.scale": hf[h + "ln_2.weight"], ours + "norm2.shift": hf[h + "ln_2.bias"],
         }  # fmt: skip
     sd["final_norm.scale"], sd["final_norm.shift"] = hf["ln_f.weight"], hf["ln_f.bias"]
-    sd["out_head.weight"] = hf.get("lm_head.weight", hf["wte.weight"])
+    sd["out_head.weight"] = hf["lm_head.weight"] if "lm_head.weight" in hf else hf["wte.weight"].clone()
     return {k: v.contiguous() for k, v in sd.items()}
 
 
