@@ -1,0 +1,106 @@
+"""The machine's GEMM peak (bf16, fp32), and SMS classified per second on the book's 300 test
+messages: loraft merged vs unmerged vs transformers + PEFT, all from the same trained adapter.
+
+    LORAFT_DATA_DIR=../shared/data python benchmarks/inference_and_peak.py runs/sms-spam/adapter
+"""
+
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loraft import lora
+from loraft.adapters import load_adapter, read_adapter
+from loraft.classifier import predict_proba
+from loraft.data.sms_spam import load_sms_spam
+from loraft.finetune import cast_frozen_weights, text_format
+from loraft.models import load_model
+from loraft.peft_format import export_peft
+from loraft.weights import smollm2_gguf
+
+OUT = Path(__file__).parent / "results"
+
+
+def gemm_gflops(dtype, n=2048, repeats=10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def per_second(fn, count: int, repeats=2) -> float:
+    fn()  # warm up
+    best = min(timed(fn) for _ in range(repeats))
+    return count / best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def transformers_classifier(adapter_dir):
+    """LlamaForSequenceClassification from the same GGUF with the adapter exported to PEFT, in bf16."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    gguf = smollm2_gguf()
+    model = LlamaForSequenceClassification.from_pretrained(str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = 2
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    peft_dir = tempfile.mkdtemp()
+    export_peft(adapter_dir, peft_dir)
+    model = PeftModel.from_pretrained(model, peft_dir).merge_and_unload().to(torch.bfloat16).eval()
+    return model, tokenizer
+
+
+def main():
+    adapter = Path(sys.argv[1])
+    texts = load_sms_spam().test.texts
+    meta, _ = read_adapter(adapter)
+    fmt = text_format(meta)
+    results = {"gemm_gflops": {"bf16": gemm_gflops(torch.bfloat16), "fp32": gemm_gflops(torch.float32)}}
+
+    base, tokenizer = load_model(meta["base_model"])
+    load_adapter(base, adapter)
+    unmerged = copy.deepcopy(base)
+    cast_frozen_weights(unmerged, torch.bfloat16)
+    lora.merge(base)
+    cast_frozen_weights(base, torch.bfloat16)
+    results["sms_per_second"] = {
+        "loraft merged (bf16)": per_second(lambda: predict_proba(base, tokenizer, texts, fmt, autocast=True), len(texts)),
+        "loraft unmerged (bf16 base, fp32 LoRA)": per_second(
+            lambda: predict_proba(unmerged, tokenizer, texts, fmt, autocast=True), len(texts)
+        ),
+    }
+    hf, hf_tokenizer = transformers_classifier(adapter)
+
+    @torch.no_grad()
+    def hf_classify():
+        order = sorted(texts, key=len)  # the same length-sorted batches of 32 as loraft
+        for start in range(0, len(order), 32):
+            batch = hf_tokenizer(order[start : start + 32], return_tensors="pt", padding=True)
+            hf(**batch).logits.softmax(-1)
+
+    hf_tokenizer.padding_side = "right"
+    results["sms_per_second"]["transformers + PEFT merged (bf16)"] = per_second(hf_classify, len(texts))
+
+    print(f"GEMM 2048^3: bf16 {results['gemm_gflops']['bf16']:.0f} GFLOP/s, fp32 {results['gemm_gflops']['fp32']:.0f} GFLOP/s")
+    for name, rate in results["sms_per_second"].items():
+        print(f"{name:42} {rate:7.1f} SMS/s")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "inference_and_peak.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
