@@ -71,8 +71,29 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tiny_gpt2_weight
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run"))
-    assert_clear_error(result, "already holds a run", "--resume", "--overwrite")
+    assert_clear_error(result, "already holds files", "--resume", "--overwrite")
+    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run", "--overwrite")), "not hold a loraft run")
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    out = tmp_path / "out"
+    for flags, message in [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+        (["--max-length", "5000"], "exceeds gpt2-small's context length 128"),
+        (["--resume"], "no checkpoint"),
+    ]:
+        assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)), message)
+        assert not out.exists() or not any(out.iterdir()), flags
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, a_file)), "is a file")
+
+    run = tmp_path / "run"
+    assert loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1")).returncode == 0
+    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--alpha", "64", "--resume")), "'alpha': (16.0, 64.0)")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
-from .train import Trainer, TrainConfig
+from .train import Trainer, TrainConfig, check_config
+from .weights import read_json
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
@@ -64,12 +65,26 @@ def prepare_model(model: nn.Module, method: str, num_classes: int, rank, alpha, 
     ]
 
 
-def check_out_folder(out: Path, resume: bool, overwrite: bool):
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "before.json")
+
+
+def check_out_folder(out: Path, config: dict, resume: bool, overwrite: bool):
+    """Never lose an earlier run: continue it only with the same settings, replace it only when asked."""
+    if out.exists() and not out.is_dir():
+        raise LoraftError(f"--out {out} is a file, not a folder")
     if resume:
+        if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
+            raise LoraftError(f"--resume: no checkpoint in {out}")
+        earlier = read_json(out / "config.json")
+        changed = {k: (earlier.get(k), v) for k, v in config.items() if k not in ("resume", "overwrite", "quiet") and earlier.get(k) != v}
+        if changed:
+            raise LoraftError(f"--resume: the run in {out} used other settings: {changed} (was, now)")
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise LoraftError(f"{out} already holds a run: continue it with --resume, or start over with --overwrite")
+            raise LoraftError(f"{out} already holds files: continue a run with --resume, or start over with --overwrite")
+        if not any((out / name).exists() for name in RUN_FILES):
+            raise LoraftError(f"--overwrite: {out} does not hold a loraft run; it is left alone")
         shutil.rmtree(out)
 
 
@@ -101,21 +116,24 @@ def train_classifier(
     options = {k: v for k, v in locals().items() if k != "train"}
     cfg = train or TrainConfig()
     cfg.bf16 = cfg.bf16 and bf16_supported()
+    check_config(cfg)
     fmt = TextFormat(template, max_length, pooling)
     out = Path(out)
+    config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, cfg.seed)
-    check_out_folder(out, resume, overwrite)
+    check_out_folder(out, config, resume, overwrite)
     started = time.perf_counter()
     base, tokenizer = load_model(model, weights)
+    if max_length > base.context_length:
+        raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
     torch.manual_seed(cfg.seed)  # the new head and the LoRA A matrices start from it
     prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
     if cfg.bf16 and method in ("lora", "head"):
         cast_frozen_weights(base, torch.bfloat16)
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
-    adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method)
+    adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    config = {**options, "targets": list(targets), "train": asdict(cfg)}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def evaluate(split):
         return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
@@ -199,7 +217,7 @@ def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="
     else:
         texts, raw = read_labelled_texts(data, text_column, label_column)
         whole = Split(texts, encode_labels(data, raw, names))
-        parts = split_by_fractions(whole, (0.1, 0.2), 123)
+        parts = split_by_fractions(whole, (0.1, 0.2), meta.get("seed", 123))  # the split the run made
         dataset = ClassificationData(*parts, names)
     chosen = whole if split == "all" else getattr(dataset, split)
     model, tokenizer, meta = load_classifier(adapter_dir, weights)

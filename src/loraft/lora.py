@@ -163,6 +163,8 @@ def apply_lora(
         raise LoraftError(f"unknown LoRA scaling {scaling!r}; choose one of {list(SCALINGS)}")
     if rank < 1:
         raise LoraftError("the LoRA rank must be at least 1")
+    if not 0 <= dropout < 1:
+        raise LoraftError("the LoRA dropout must be in [0, 1)")
     state = adapter_state(model)
     chosen = expand_targets(model, list(targets))
     for module_name in chosen:

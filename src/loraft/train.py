@@ -63,6 +63,18 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def check_config(cfg: TrainConfig):
+    for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise LoraftError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.schedule not in SCHEDULES:
+        raise LoraftError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
+    if not cfg.lr > 0:
+        raise LoraftError("--lr must be positive")
+    if cfg.weight_decay < 0 or cfg.clip < 0 or not 0 <= cfg.warmup < 1:
+        raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
+
+
 def is_better(metric: str, row: dict, best: list | None) -> bool:
     """Higher `metric` wins (lower, for a loss); a tie goes to the lower validation loss, since 149
     validation texts tie often."""
@@ -82,11 +94,7 @@ def atomic_torch_save(obj, path: Path):
 
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False):
-        if cfg.schedule not in SCHEDULES:
-            raise LoraftError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
-            if getattr(cfg, name) < 1:
-                raise LoraftError(f"--{name.replace('_', '-')} must be at least 1")
+        check_config(cfg)
         self.model, self.task, self.cfg, self.out = model, task, cfg, Path(out)
         self.on_best = on_best  # called with the model whenever validation improves (saves the adapter)
         self.quiet = quiet
@@ -146,9 +154,17 @@ class Trainer:
         self.state = ckpt["state"]
         # Rows logged after the checkpoint will be logged again.
         if self.metrics_file.is_file():
-            rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
-            kept = [r for r in rows if r["step"] <= self.state["step"]]
-            self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = []
+            for line in self.metrics_file.read_text().split("\n"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # empty, or torn by the interruption
+                    continue
+                if row["step"] <= self.state["step"]:
+                    kept.append(row)
+            tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.metrics_file)
 
     # ------------------------------------------------------------ the loop
 

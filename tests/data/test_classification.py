@@ -64,3 +64,18 @@ def test_collate_pads_dynamically_and_truncates():
     assert batch.input_ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0], [1, 2, 3, 4]]
     assert batch.lengths.tolist() == [3, 1, 4]
     assert batch.labels.tolist() == [0, 1, 0]
+
+
+def test_quoted_newlines_unicode_breaks_and_decimal_labels(tmp_path):
+    rows = 'text,label\n"two\r\nlines",a\n"odd\u2028break",b\nplain,\u00b2\n' + "x,a\ny,b\n" * 5
+    data = load_classification_data(write(tmp_path / "d.csv", rows), fractions=(0.1, 0.1))
+    texts = data.train.texts + data.val.texts + data.test.texts
+    assert "two\r\nlines" in texts and "odd\u2028break" in texts
+    assert data.label_names == ["a", "b", "\u00b2"]
+    jsonl = write(tmp_path / "d.jsonl", "".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n" for t, l in [("a\u2028b", "x"), ("c", "y")] * 10))
+    assert "a\u2028b" in load_classification_data(jsonl).train.texts
+
+
+def test_too_few_rows_for_the_splits(tmp_path):
+    with pytest.raises(LoraftError, match="leave the val and test split empty"):
+        load_classification_data(write(tmp_path / "d.csv", "text,label\na,0\nb,1\nc,0\n"))

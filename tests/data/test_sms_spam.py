@@ -1,6 +1,8 @@
 import pandas as pd
+import pytest
 
 from loraft.data.sms_spam import book_split, load_sms_spam, read_sms_spam
+from loraft.errors import LoraftError
 
 from ..conftest import SMS_FILE
 
@@ -37,3 +39,10 @@ def test_split_equals_the_books_pandas_code():
     assert ours.val.texts == shuffled["Text"][train_end:val_end].tolist()
     assert ours.test.texts == shuffled["Text"][val_end:].tolist()
     assert ours.test.labels == shuffled["Label"][val_end:].tolist()
+
+
+def test_a_local_copy_that_is_not_utf8_fails_clearly(tmp_path):
+    latin = tmp_path / "SMSSpamCollection"
+    latin.write_bytes("ham\tcaf\u00e9 at 5?\n".encode("latin-1"))
+    with pytest.raises(LoraftError, match="line 1: byte 0xe9 is not UTF-8"):
+        load_sms_spam(str(latin))

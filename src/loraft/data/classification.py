@@ -1,6 +1,7 @@
 """Text classification data: reading user files (CSV, TSV, JSONL), labels, splits, batches."""
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,7 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # JSON strings may hold other line breaks
             if not line.strip():
                 continue
             try:
@@ -66,7 +67,7 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     if suffix not in (".csv", ".tsv", ".tab", ".txt"):
         raise LoraftError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
     delimiter = "," if suffix == ".csv" else "\t"
-    reader = csv.reader(text.splitlines(), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # quoted fields keep their newlines
     try:
         header = next(reader)
         rows = []
@@ -131,7 +132,7 @@ def load_classification_data(
 ) -> ClassificationData:
     """A user's data: one file split by `seed`, or separate validation/test files."""
     texts, raw = read_labelled_texts(path, text_column, label_column)
-    label_names = sorted(set(raw), key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else name))
+    label_names = sorted(set(raw), key=lambda name: (not name.isdecimal(), int(name) if name.isdecimal() else name))
     if len(label_names) < 2:
         raise LoraftError(f"{path} has a single class ({label_names[0]!r}): a classifier needs at least two")
     whole = Split(texts, encode_labels(path, raw, label_names))
@@ -143,7 +144,14 @@ def load_classification_data(
         if file:
             t, r = read_labelled_texts(file, text_column, label_column)
             extra[name] = Split(t, encode_labels(file, r, label_names))
-    return ClassificationData(train, extra.get("val", val), extra.get("test", test), label_names)
+    data = ClassificationData(train, extra.get("val", val), extra.get("test", test), label_names)
+    empty = [name for name, size in data.sizes().items() if size == 0]
+    if empty:
+        raise LoraftError(
+            f"{path}: {len(whole)} rows leave the {' and '.join(empty)} split empty; "
+            f"give more rows (10 at least) or --val-file / --test-file"
+        )
+    return data
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import LoraftError
 from ..weights import cache_dir, data_dir, sha256_of
-from .classification import ClassificationData, Split
+from .classification import ClassificationData, Split, read_text_file
 
 URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
@@ -57,7 +57,7 @@ def read_sms_spam(path: Path) -> tuple[list[str], list[int]]:
     """All lines, `label<TAB>text`, with no quote handling: pandas' default quoting (the book's
     read_csv) merges lines that contain a double quote and reads 5,572 of the 5,574 messages."""
     texts, labels = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+    for number, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line:
             continue
         label, sep, text = line.partition("\t")
