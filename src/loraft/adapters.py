@@ -1,8 +1,6 @@
 """Adapter folders: `adapter.safetensors` (the LoRA matrices and any module trained with them) and
 `adapter.json` (everything needed to put them back on the right base model). Never pickle."""
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -13,7 +11,7 @@ from . import __version__
 from .errors import LoraftError
 from .lora import LoRALinear, ModuleToSave, add_module_to_save, adapter_names, adapter_state, apply_lora
 from .models import architecture_of
-from .weights import read_json, read_safetensors, weights_fingerprint
+from .weights import atomic_write, read_json, read_safetensors, weights_fingerprint, write_json
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -44,12 +42,6 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Path:
     """Write adapter `name` to `folder`; `task` (task, label_names, max_length, ...) goes into the JSON."""
     folder = Path(folder)
@@ -70,7 +62,7 @@ def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Pat
     }
     tensors = adapter_tensors(model, name)
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
-    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(folder / CONFIG_FILE, meta)
     return folder
 
 

@@ -19,7 +19,7 @@ from .errors import LoraftError
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
 from .train import Trainer, TrainConfig, check_config
-from .weights import read_json
+from .weights import read_json, write_json
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
@@ -133,17 +133,17 @@ def train_classifier(
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
     adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)
 
     def evaluate(split):
         return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
 
     before_file = out / "before.json"
     if resume and before_file.is_file():
-        before = json.loads(before_file.read_text())
+        before = read_json(before_file)
     else:
         before = {name: evaluate(getattr(dataset, name))["accuracy"] for name in ("val", "test")}
-        before_file.write_text(json.dumps(before) + "\n")
+        write_json(before_file, before)
 
     trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
     if not quiet:
@@ -171,7 +171,7 @@ def train_classifier(
         "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
         "wall_seconds": time.perf_counter() - started,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     plots = plot_run(out)
     if not quiet:
         print(
@@ -202,9 +202,8 @@ def load_classifier(adapter_dir, weights=None):
 def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="text", label_column="label", split="test", weights=None) -> dict:
     """Metrics of a classification adapter on a split of `data` (the split it was trained with, when
     the seed is the default) or on all of it."""
-    from .classifier import evaluate_split
     from .data.classification import Split, encode_labels, read_labelled_texts, split_by_fractions
-    from .data.sms_spam import read_sms_spam, sms_spam_file
+    from .data.sms_spam import book_split, read_sms_spam, sms_spam_file
 
     meta, _ = read_adapter(adapter_dir)
     names = meta.get("label_names", [])
@@ -212,7 +211,7 @@ def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="
         texts, labels = read_sms_spam(sms_spam_file(data_file))
         if names != ["ham", "spam"]:
             raise LoraftError(f"{adapter_dir} classifies {names}, not the SMS labels ['ham', 'spam']")
-        dataset = load_sms_spam(data_file) if split != "all" else None
+        dataset = book_split(texts, labels)
         whole = Split(texts, labels)
     else:
         texts, raw = read_labelled_texts(data, text_column, label_column)

@@ -6,7 +6,6 @@ rank_pattern and alpha_pattern. transformers' GPT-2 computes query, key and valu
 c_attn, so our three LoRAs become one there: A stacked, B block-diagonal, which is exact.
 """
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import atomic_write, read_adapter
+from .adapters import read_adapter
 from .errors import LoraftError
 from .lora import SCALINGS, LoRALinear, add_module_to_save, adapter_names, apply_lora
 from .models import architecture_of
-from .weights import read_json, read_safetensors
+from .weights import atomic_write, read_json, read_safetensors, write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,7 +124,7 @@ def export_peft(adapter_dir, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(weights, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(out / CONFIG_FILE, config)
     return out
 
 

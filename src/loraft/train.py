@@ -8,7 +8,6 @@ an interrupted run to the same result as an uninterrupted one.
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import LoraftError
+from .weights import atomic_write
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -86,12 +86,6 @@ def is_better(metric: str, row: dict, best: list | None) -> bool:
     return (value, -loss) > (best[0], -best[1])
 
 
-def atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False):
         check_config(cfg)
@@ -119,8 +113,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self):
-        atomic_torch_save(
-            {
+        checkpoint = {
                 "params": {n: p.detach().clone() for n, p in self.params.items()},
                 "best_weights": self.best_weights,
                 "optimizer": self.optimizer.state_dict(),
@@ -128,9 +121,8 @@ class Trainer:
                 "rng": torch.get_rng_state(),
                 "state": dict(self.state),
                 "config": asdict(self.cfg),
-            },
-            self.checkpoint_file,
-        )
+        }
+        atomic_write(self.checkpoint_file, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self):
         if not self.checkpoint_file.is_file():
@@ -162,9 +154,7 @@ class Trainer:
                     continue
                 if row["step"] <= self.state["step"]:
                     kept.append(row)
-            tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.metrics_file)
+            atomic_write(self.metrics_file, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     # ------------------------------------------------------------ the loop
 

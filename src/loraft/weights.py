@@ -51,6 +51,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoraftError(f"{path} is truncated or corrupt: not a readable safetensors file ({e})") from None
 
 
+def atomic_write(path: Path, write):
+    """Write through `write(tmp)` then rename: an interruption leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value):
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+
+
 def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
