@@ -1,4 +1,7 @@
-"""Classification metrics."""
+"""Metrics: classification, and scores of generated answers against expected ones."""
+
+import re
+import unicodedata
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict:
@@ -28,3 +31,40 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
         metrics |= {k: per_class[label_names[1]][k] for k in ("precision", "recall", "f1")}
     return metrics
 
+
+
+# ---------------------------------------------------------------- generated answers
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of the two word sequences (lower case, letters and
+    digits only, as the rouge-score package tokenises), over their lengths."""
+    pred, ref = (re.findall(r"[a-z0-9]+", text.lower()) for text in (prediction, reference))
+    if not pred or not ref:
+        return 0.0
+    row = [0] * (len(ref) + 1)  # LCS lengths of pred[:i] against every prefix of ref
+    for word in pred:
+        diagonal = 0
+        for j, other in enumerate(ref, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if word == other else max(row[j], row[j - 1])
+    common = row[-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(predictions: list[str], references: list[str]) -> dict:
+    """Mean normalised exact match and ROUGE-L F1 of generated answers against the expected ones."""
+    n = max(1, len(references))
+    return {
+        "exact_match": sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / n,
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+        "count": len(references),
+    }

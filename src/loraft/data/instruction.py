@@ -1,0 +1,200 @@
+"""Instruction data in the Alpaca format (the book's chapter 7): the book's 1,100 examples or a
+user's file, the 85/10/5 split, the prompt templates, and batches whose labels mark the tokens the
+loss counts."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LoraftError
+from ..weights import cache_dir, data_dir, sha256_of
+from .classification import read_rows, read_text_file
+
+BOOK_DATA = "instruction-data"  # --data name of the book's file
+URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+KEYS = ("instruction", "input", "output")
+
+TEMPLATES = ("alpaca", "chat")
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+# SmolLM2-Instruct's chat template (ChatML) puts this system message first when a chat has none.
+CHAT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CHAT_END = "<|im_end|>"
+
+
+@dataclass
+class Example:
+    instruction: str
+    input: str
+    output: str
+
+
+@dataclass
+class InstructionData:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+# ---------------------------------------------------------------- files
+
+
+def book_file() -> Path:
+    """$LORAFT_DATA_DIR/instruction/instruction-data.json, else our cache, else downloaded from the
+    book's repository (sha256-checked, then cached)."""
+    if data_dir() and (data_dir() / "instruction" / "instruction-data.json").is_file():
+        return data_dir() / "instruction" / "instruction-data.json"
+    cached = cache_dir() / "instruction-data.json"
+    if not cached.is_file():
+        download(cached)
+    return cached
+
+
+def download(target: Path):
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(URL, timeout=60) as response:
+            content = response.read()
+    except Exception as e:
+        raise LoraftError(
+            f"could not download the book's instruction data from {URL} ({type(e).__name__}); "
+            f"pass a local copy with --data FILE.json or set LORAFT_DATA_DIR"
+        ) from None
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(content)
+    if sha256_of(tmp) != SHA256:
+        tmp.unlink()
+        raise LoraftError(f"the downloaded instruction-data.json does not have the expected sha256 {SHA256}")
+    tmp.replace(target)
+
+
+def read_examples(path) -> list[Example]:
+    """A JSON list of {"instruction", "input", "output"} objects (or JSONL, one per line); "input"
+    may be missing or empty, the other two must hold text."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        rows = read_rows(path)
+    else:
+        try:
+            rows = json.loads(read_text_file(path))
+        except json.JSONDecodeError as e:
+            raise LoraftError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); expected a list of Alpaca examples") from None
+        if not isinstance(rows, list):
+            raise LoraftError(f"{path}: expected a JSON list of objects with {', '.join(KEYS)}")
+        rows = list(enumerate(rows, 1))
+    if not rows:
+        raise LoraftError(f"{path} holds no examples")
+    where = "line" if path.suffix.lower() == ".jsonl" else "example"
+    examples = []
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise LoraftError(f"{path} {where} {number}: expected an object with {', '.join(KEYS)}")
+        missing = [key for key in ("instruction", "output") if key not in row]
+        if missing:
+            raise LoraftError(f"{path} {where} {number}: missing {' and '.join(repr(k) for k in missing)} (keys: {', '.join(row) or 'none'})")
+        values = {key: row.get(key, "") for key in KEYS}
+        for key, value in values.items():
+            if not isinstance(value, str):
+                raise LoraftError(f"{path} {where} {number}: {key!r} must be text, not {type(value).__name__}")
+        for key in ("instruction", "output"):
+            if not values[key].strip():
+                raise LoraftError(f"{path} {where} {number}: the {key} is empty")
+        examples.append(Example(**values))
+    return examples
+
+
+def split_examples(examples: list[Example], seed: int) -> tuple[list, list, list]:
+    """Shuffled with `seed`, then the book's cut: 85% train, 10% test, the rest (5%) validation."""
+    order = np.random.RandomState(seed).permutation(len(examples))
+    n_train, n_test = int(len(examples) * 0.85), int(len(examples) * 0.1)
+    shuffled = [examples[i] for i in order]
+    return shuffled[:n_train], shuffled[n_train + n_test :], shuffled[n_train : n_train + n_test]
+
+
+def load_instruction_data(data: str = BOOK_DATA, val_file=None, test_file=None, seed: int = 123) -> InstructionData:
+    """The book's examples or a user's file, split by `seed`; separate validation/test files replace
+    those parts of the split (the file then trains on what is left)."""
+    examples = read_examples(book_file() if data == BOOK_DATA else data)
+    train, val, test = split_examples(examples, seed)
+    if val_file or test_file:
+        train = train + (val if val_file else []) + (test if test_file else [])
+        val = read_examples(val_file) if val_file else val
+        test = read_examples(test_file) if test_file else test
+    dataset = InstructionData(train, val, test)
+    empty = [name for name, size in dataset.sizes().items() if size == 0]
+    if empty:
+        raise LoraftError(
+            f"{data}: {len(examples)} examples leave the {' and '.join(empty)} split empty; "
+            f"give more examples (20 at least) or --val-file / --test-file"
+        )
+    return dataset
+
+
+# ---------------------------------------------------------------- templates
+
+
+def format_prompt(instruction: str, input: str, template: str) -> str:
+    """The text before the response: the book's Alpaca prompt, or SmolLM2's chat turn (ChatML with
+    its default system message) with the input as a second paragraph of the user's message."""
+    if template == "alpaca":
+        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+        if input:
+            text += f"\n\n### Input:\n{input}"
+        return text + "\n\n### Response:\n"
+    if template == "chat":
+        user = f"{instruction}\n\n{input}" if input else instruction
+        return f"<|im_start|>system\n{CHAT_SYSTEM}{CHAT_END}\n<|im_start|>user\n{user}{CHAT_END}\n<|im_start|>assistant\n"
+    raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+
+
+def end_id(tokenizer, template: str) -> int:
+    """The token that ends a response: <|im_end|> in a chat, the end-of-text token otherwise."""
+    if template == "chat":
+        if not tokenizer.chat_template or CHAT_END not in tokenizer.chat_template:
+            raise LoraftError("the model's tokenizer has no ChatML chat template; use --template alpaca")
+        return tokenizer.encode(CHAT_END)[0]
+    return tokenizer.eos_id
+
+
+def encode_examples(tokenizer, examples: list[Example], template: str, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of prompt + response + end token, cut to `max_length`, and each prompt's length.
+
+    Prompt and response are encoded apart, as generation sees them: the prompt alone, then the
+    tokens the model adds."""
+    prompts = tokenizer.encode_batch([format_prompt(e.instruction, e.input, template) for e in examples])
+    responses = tokenizer.encode_batch([e.output for e in examples])
+    end = end_id(tokenizer, template)
+    sequences = [(p + r + [end])[:max_length] for p, r in zip(prompts, responses)]
+    return sequences, [min(len(p), max_length) for p in prompts]
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (batch, longest - 1): each sequence but its last token, right-padded
+    labels: torch.Tensor  # (batch, longest - 1): the next token at each position, -100 where not counted
+    lengths: torch.Tensor  # (batch,) real input tokens per row
+
+
+def collate(sequences: list[list[int]], pad_id: int, prompt_lengths: list[int] | None = None) -> Batch:
+    """The book's collate: inputs and next-token targets, padding masked from the loss (-100) but
+    each sequence's own end token kept as a target; with `prompt_lengths`, the prompt's tokens are
+    masked too, so the loss counts the response alone."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest - 1), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), longest - 1), -100, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq) - 1] = torch.tensor(seq[:-1])
+        labels[row, : len(seq) - 1] = torch.tensor(seq[1:])
+        if prompt_lengths:
+            labels[row, : prompt_lengths[row] - 1] = -100
+    return Batch(input_ids, labels, torch.tensor([len(s) - 1 for s in sequences]))
