@@ -37,3 +37,14 @@ def hf_smollm2(smollm2_gguf):
 def sms_texts():
     lines = SMS_FILE.read_text(encoding="utf-8").split("\n")
     return [line.split("\t", 1)[1] for line in lines if line]
+
+
+@pytest.fixture(scope="session")
+def spam_run(tmp_path_factory):
+    """The main job for real, once per session: SmolLM2-135M + LoRA, one epoch of the book's SMS
+    split (~2 minutes). (run folder, report); tests that need a trained spam classifier share it."""
+    from loraft.finetune import train_classifier
+    from loraft.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("spam") / "run"
+    return out, train_classifier(out=out, quiet=True, train=TrainConfig(epochs=1, eval_every=1000))

@@ -132,6 +132,31 @@ def cmd_import_peft(args):
     print(f"loraft adapter written to {save_adapter(model, args.out, **task)}")
 
 
+def cmd_serve(args):
+    import socket
+
+    try:
+        import uvicorn
+
+        from .serve.app import Limits, create_app
+        from .serve.registry import load_served, parse_adapter_specs
+    except ImportError as e:
+        raise LoraftError(f"`loraft serve` needs the serve extra ({e}): pip install 'loraft[serve]'") from None
+    folders = parse_adapter_specs(args.adapter)
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        raise LoraftError("--max-batch must be at least 1 and --batch-window-ms at least 0")
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as e:
+        raise LoraftError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    app = create_app(load_served(folders), Limits(), args.batch_window_ms, args.max_batch)
+    host, port = listener.getsockname()[:2]
+    print(f"loraft: serving {', '.join(folders)} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
 def add_data_flags(parser):
     parser.add_argument("--data", default="sms-spam", help="'sms-spam' (default) or a .csv/.tsv/.jsonl file")
     parser.add_argument("--data-file", help="sms-spam only: a local SMSSpamCollection file")
@@ -214,6 +239,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--label-names", nargs="+", help="classification adapters: the class names, in order")
     m.add_argument("--max-length", type=int, default=128)
     m.set_defaults(run=cmd_import_peft)
+
+    s = sub.add_parser("serve", help="an HTTP API and a web page over one base model with several adapters")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve under NAME (repeat for more)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    s.add_argument("--max-batch", type=int, default=32, help="most texts in one forward pass (1: no batching)")
+    s.set_defaults(run=cmd_serve)
     return p
 
 

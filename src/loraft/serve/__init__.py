@@ -1,0 +1,1 @@
+"""`loraft serve`: an HTTP API and a web page over one base model with several adapters."""

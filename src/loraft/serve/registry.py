@@ -1,0 +1,97 @@
+"""The served model: one base in memory and every adapter loaded on it under its own name."""
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters import load_adapter, read_adapter
+from ..classifier import TextFormat
+from ..errors import LoraftError
+from ..finetune import bf16_supported, cast_frozen_weights, text_format
+from ..models import load_model
+
+TASKS = ("classification", "instruction")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    folder: Path
+    meta: dict  # adapter.json
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.meta.get("label_names", [])
+
+    @cached_property
+    def format(self) -> TextFormat:
+        return text_format(self.meta)
+
+    def describe(self) -> dict:
+        keys = ("task", "label_names", "template", "max_length", "pooling", "method", "rank", "targets", "base_model")
+        return {"name": self.name, **{k: self.meta[k] for k in keys if k in self.meta}}
+
+
+@dataclass
+class Served:
+    model: nn.Module
+    tokenizer: object
+    adapters: dict[str, ServedAdapter]
+    bf16: bool
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """["spam=runs/sms/adapter", ...] -> {"spam": Path(...)}: names unique, usable in a URL or JSON."""
+    folders = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not folder:
+            raise LoraftError(f"--adapter {spec!r}: expected NAME=DIR, e.g. spam=runs/sms-spam/adapter")
+        if not NAME.fullmatch(name):
+            raise LoraftError(f"--adapter {spec!r}: a name is letters, digits and _ . - (starting with a letter or digit)")
+        if name in folders:
+            raise LoraftError(f"--adapter: the name {name!r} is given twice")
+        folders[name] = Path(folder)
+    if not folders:
+        raise LoraftError("give at least one --adapter NAME=DIR")
+    return folders
+
+
+def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
+    """Read every adapter.json and fail before any model is loaded if they cannot share one base."""
+    adapters = {name: ServedAdapter(name, folder, read_adapter(folder)[0]) for name, folder in folders.items()}
+    for adapter in adapters.values():
+        if adapter.meta.get("task") not in TASKS:
+            raise LoraftError(f"adapter {adapter.name!r} ({adapter.folder}) has task {adapter.meta.get('task')!r}; loraft serves {TASKS}")
+        if adapter.meta.get("trained_parameters"):  # the baselines change base weights every adapter shares
+            raise LoraftError(
+                f"adapter {adapter.name!r} ({adapter.folder}) changes the base weights (method "
+                f"{adapter.meta.get('method')!r}); only LoRA and head adapters can share one base"
+            )
+    bases = {adapter.meta["base_model"] for adapter in adapters.values()}
+    if len(bases) > 1:
+        listed = ", ".join(f"{a.name}: {a.meta['base_model']}" for a in adapters.values())
+        raise LoraftError(f"all adapters must share one base model; these were trained on different ones ({listed})")
+    return adapters
+
+
+def load_served(folders: dict[str, Path]) -> Served:
+    adapters = check_adapters(folders)
+    model, tokenizer = load_model(next(iter(adapters.values())).meta["base_model"])
+    model.requires_grad_(False)
+    bf16 = bf16_supported()
+    if bf16:  # the base in bf16 halves memory traffic; the adapters, loaded after, stay fp32
+        cast_frozen_weights(model, torch.bfloat16)
+    for adapter in adapters.values():
+        load_adapter(model, adapter.folder, adapter.name)  # checks the base's fingerprint
+    model.requires_grad_(False)
+    return Served(model, tokenizer, adapters, bf16)

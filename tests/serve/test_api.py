@@ -1,0 +1,129 @@
+"""The HTTP API in process (FastAPI's test client) over the real SmolLM2 base and real adapter files."""
+
+import json
+
+import pytest
+import torch
+
+from loraft import lora
+from loraft.classifier import predict_proba
+from loraft.finetune import text_format
+from loraft.serve.batching import Classify, MicroBatcher
+
+from .conftest import LIMITS
+
+SPAM = "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward! To claim call 09061701461. Claim code KL341. Valid 12 hours only."
+HAM = "Sorry, I'll be late for dinner, the bus is stuck in traffic. See you around 8?"
+
+
+def test_classify_finds_the_spam(client):
+    reply = client.post("/v1/classify", json={"adapter": "spam", "texts": [SPAM, HAM]})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["adapter"] == "spam"
+    assert [r["label"] for r in body["results"]] == ["spam", "ham"]
+    assert body["results"][0]["probabilities"]["spam"] > 0.95
+    assert body["results"][1]["probabilities"]["ham"] > 0.95
+    for result in body["results"]:
+        assert sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_one_batch_of_mixed_adapters_matches_each_adapter_alone_in_fp32(served, reference, sms_texts):
+    """Three requests, three adapters (two head sizes, two poolings, two templates) gathered into one
+    batch: every row gets its own LoRA and head, as the fp32 model with that adapter alone says."""
+    model, _ = reference
+    texts = {"spam": sms_texts[:5], "mood": sms_texts[5:8], "topics": sms_texts[8:12]}
+    batcher = MicroBatcher(served, window_ms=500, max_batch=64)  # long enough to gather all three
+    try:
+        jobs = [Classify(name, batch) for name, batch in texts.items()]
+        for job in jobs:
+            batcher.submit(job)
+        served_probs = {job.adapter: torch.tensor(job.future.result(timeout=60)) for job in jobs}
+        stats = dict(batcher.stats)
+    finally:
+        batcher.close()
+    assert stats["batches"] == 1 and stats["texts"] == 12
+    assert stats["forward_passes"] == 2  # spam and mood share one pass; topics (3 classes, mean pooling) its own
+    for name, batch in texts.items():
+        lora.set_active(model, name)
+        expected = predict_proba(model, served.tokenizer, batch, text_format(served.adapters[name].meta))
+        assert served_probs[name].shape == expected.shape
+        assert torch.allclose(served_probs[name], expected, atol=0.03), (name, served_probs[name], expected)
+
+
+def test_generate_answers_with_the_instruction_adapter(client):
+    reply = client.post("/v1/generate", json={"adapter": "qa", "instruction": "What is the capital of France?", "max_new_tokens": 12})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["adapter"] == "qa"
+    assert "Paris" in reply.json()["response"]
+
+
+def test_adapters_health_docs_and_page(client):
+    listed = client.get("/v1/adapters").json()
+    assert listed["base_model"] == "smollm2-135m"
+    by_name = {a["name"]: a for a in listed["adapters"]}
+    assert list(by_name) == ["spam", "mood", "topics", "qa"]
+    assert by_name["spam"]["label_names"] == ["ham", "spam"] and by_name["spam"]["task"] == "classification"
+    assert by_name["topics"]["pooling"] == "mean" and by_name["qa"]["task"] == "instruction"
+    assert listed["limits"]["max_texts"] == LIMITS.max_texts
+
+    before = client.get("/healthz").json()
+    client.post("/v1/classify", json={"adapter": "mood", "texts": ["ok", "fine"]})
+    after = client.get("/healthz").json()
+    assert after["status"] == "ok" and after["texts"] == before["texts"] + 2
+
+    assert "swagger-ui" in client.get("/docs").text
+    assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
+
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="texts"' in page.text and "/v1/classify" in page.text
+    assert "://" not in page.text  # no CDN, no external asset of any kind
+
+
+def post_json(path, value):
+    return ("POST", path, json.dumps(value).encode())
+
+
+GOOD = {"adapter": "spam", "texts": ["hello"]}
+BAD_INPUTS = {
+    "not-json": (("POST", "/v1/classify", b'{"texts": ['), 422, "not valid JSON"),
+    "not-an-object": (post_json("/v1/classify", ["hello"]), 422, "valid dictionary"),
+    "texts-a-string": (post_json("/v1/classify", {**GOOD, "texts": "hello"}), 422, "texts: Input should be a valid list"),
+    "text-a-number": (post_json("/v1/classify", {**GOOD, "texts": ["hi", 7]}), 422, "texts[1]: Input should be a valid string"),
+    "text-null": (post_json("/v1/classify", {**GOOD, "texts": [None]}), 422, "texts[0]: Input should be a valid string"),
+    "no-texts": (post_json("/v1/classify", {**GOOD, "texts": []}), 422, "at least one text"),
+    "empty-text": (post_json("/v1/classify", {**GOOD, "texts": ["hi", " \n "]}), 422, "texts[1] is empty"),
+    "too-many-texts": (post_json("/v1/classify", {**GOOD, "texts": ["hi"] * 5}), 422, "5 texts; the limit is 4"),
+    "text-too-long": (post_json("/v1/classify", {**GOOD, "texts": ["x" * 201]}), 422, "201 characters; the limit is 200"),
+    "adapter-missing": (post_json("/v1/classify", {"texts": ["hi"]}), 422, "adapter: Field required"),
+    "adapter-a-number": (post_json("/v1/classify", {**GOOD, "adapter": 3}), 422, "adapter: Input should be a valid string"),
+    "unknown-field": (post_json("/v1/classify", {**GOOD, "text": "hi"}), 422, "text: Extra inputs are not permitted"),
+    "unknown-adapter": (post_json("/v1/classify", {**GOOD, "adapter": "nope"}), 404, "no adapter named 'nope'; loaded: spam, mood, topics, qa"),
+    "classify-with-instruction-adapter": (post_json("/v1/classify", {**GOOD, "adapter": "qa"}), 400, "use /v1/generate"),
+    "body-too-large": (post_json("/v1/classify", {**GOOD, "texts": ["x" * 190] * 11}), 413, "over 2000 bytes"),
+    "generate-with-classifier": (post_json("/v1/generate", {"adapter": "spam", "instruction": "hi"}), 400, "use /v1/classify"),
+    "generate-empty-instruction": (post_json("/v1/generate", {"adapter": "qa", "instruction": ""}), 422, "instruction is empty"),
+    "generate-no-instruction": (post_json("/v1/generate", {"adapter": "qa"}), 422, "instruction: Field required"),
+    "generate-input-too-long": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "input": "x" * 201}), 422, "input has 201"),
+    "generate-zero-tokens": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 0}), 422, "between 1 and 16"),
+    "generate-too-many-tokens": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 17}), 422, "between 1 and 16"),
+    "generate-tokens-a-string": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": "5"}), 422, "max_new_tokens: Input should be a valid integer"),
+    "get-on-a-post-endpoint": (("GET", "/v1/classify", b""), 405, "Method Not Allowed"),
+    "unknown-path": (("GET", "/v2/everything", b""), 404, "Not Found"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("request_, status, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_a_clear_4xx_and_harms_nothing(client, request_, status, message):
+    method, path, body = request_
+    reply = client.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    assert list(reply.json()) == ["error"] and message in reply.json()["error"], reply.json()
+    assert client.post("/v1/classify", json=GOOD).status_code == 200  # the server goes on
+
+
+def test_a_chunked_body_over_the_limit_is_refused(client):
+    chunks = iter([b'{"adapter": "spam", "texts": ["', b"x" * 1500, b"x" * 1500, b'"]}'])  # no Content-Length
+    reply = client.post("/v1/classify", content=chunks, headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and "over 2000 bytes" in reply.json()["error"]
