@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import lora
+from . import distributed, lora
 from .adapters import load_adapter, read_adapter, save_adapter
 from .classifier import ClassificationTask, TextFormat, add_classification_head, evaluate_split
 from .data.classification import ClassificationData, load_classification_data
@@ -121,7 +121,11 @@ def train_classifier(
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, cfg.seed)
-    check_out_folder(out, config, resume, overwrite)
+    main = distributed.is_main()  # under torchrun the other processes only train
+    quiet = quiet or not main
+    if main:
+        check_out_folder(out, config, resume, overwrite)
+    distributed.barrier()  # the others wait until `out` is checked (and cleared, with --overwrite)
     started = time.perf_counter()
     base, tokenizer = load_model(model, weights)
     if max_length > base.context_length:
@@ -133,7 +137,8 @@ def train_classifier(
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
     adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config)
+    if main:
+        write_json(out / "config.json", config)
 
     def evaluate(split):
         return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
@@ -141,7 +146,7 @@ def train_classifier(
     before_file = out / "before.json"
     if resume and before_file.is_file():
         before = read_json(before_file)
-    else:
+    elif main:
         before = {name: evaluate(getattr(dataset, name))["accuracy"] for name in ("val", "test")}
         write_json(before_file, before)
 
@@ -151,6 +156,8 @@ def train_classifier(
         print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable ({method}); "
               f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}")  # fmt: skip
     state = trainer.run(resume)
+    if not main:
+        return {}  # process 0 saves the adapter, evaluates and reports
     save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
     lora.merge(base)  # faster, and what `loraft classify` and `loraft eval` run
     results = {name: evaluate(getattr(dataset, name)) for name in ("train", "val", "test")}

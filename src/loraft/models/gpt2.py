@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import LayerCache, causal_attention
 
@@ -95,6 +96,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.gradient_checkpointing = False  # training: keep only each block's input, recompute the rest in backward
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
@@ -111,7 +113,10 @@ class GPTModel(nn.Module):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(positions))
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cache[i] if cache else None)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache[i] if cache else None)
         return self.final_norm(x)
 
     def forward(self, input_ids, cache: list[LayerCache] | None = None):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .kv_cache import LayerCache, causal_attention
 
@@ -96,6 +97,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.gradient_checkpointing = False  # training: keep only each block's input, recompute the rest in backward
         self.final_norm = nn.RMSNorm(cfg.emb_dim, eps=cfg.norm_eps)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -118,7 +120,10 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.tok_emb(input_ids)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, cos, sin, cache[i] if cache else None)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache[i] if cache else None)
         return self.final_norm(x)
 
     def forward(self, input_ids, cache: list[LayerCache] | None = None):
