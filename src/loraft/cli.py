@@ -58,20 +58,29 @@ def train_options(args) -> dict:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
-        bf16=not args.no_bf16,
+        bf16=not args.no_bf16, gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     return dict(train=cfg, out=args.out, model=args.model, weights=args.weights, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def classifier_options(args) -> dict:
+    return dict(
+        data=args.data, data_file=args.data_file, text_column=args.text_column, label_column=args.label_column,
+        val_file=args.val_file, test_file=args.test_file, scaling=args.scaling, targets=args.targets,
+        dropout=args.dropout, max_length=args.max_length, pooling=args.pooling, template=args.template, **train_options(args),
+    )  # fmt: skip
 
 
 def cmd_train(args):
     from .finetune import train_classifier
 
-    train_classifier(
-        data=args.data, data_file=args.data_file, text_column=args.text_column, label_column=args.label_column,
-        val_file=args.val_file, test_file=args.test_file, method=args.method, rank=args.rank, alpha=args.alpha,
-        scaling=args.scaling, targets=args.targets, dropout=args.dropout, max_length=args.max_length,
-        pooling=args.pooling, template=args.template, **train_options(args),
-    )  # fmt: skip
+    train_classifier(method=args.method, rank=args.rank, alpha=args.alpha, **classifier_options(args))
+
+
+def cmd_sweep(args):
+    from .sweep import parse_grid, run_sweep
+
+    run_sweep(parse_grid("--ranks", args.ranks, int), parse_grid("--alphas", args.alphas, float), **classifier_options(args))
 
 
 def cmd_eval(args):
@@ -196,22 +205,19 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(run=cmd_info)
 
     t = sub.add_parser("train", help="fine-tune a text classifier (default: SmolLM2 on SMS spam, LoRA)")
-    add_model_flags(t)
-    add_data_flags(t)
-    t.add_argument("--val-file")
-    t.add_argument("--test-file")
     t.add_argument("--out", default="runs/sms-spam", help="output folder (default runs/sms-spam)")
     t.add_argument("--method", default="lora", choices=["lora", "full", "last-block", "last-two-blocks", "head"])
     t.add_argument("--rank", type=int, default=16)
     t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
-    t.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    t.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
-    t.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
-    t.add_argument("--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'")
-    add_train_flags(t)
+    add_classifier_flags(t)
     t.set_defaults(run=cmd_train)
+
+    w = sub.add_parser("sweep", help="train a LoRA classifier per (rank, alpha): table, CSV and plot of the results")
+    w.add_argument("--out", default="runs/sweep", help="output folder, one subfolder per setting (default runs/sweep)")
+    w.add_argument("--ranks", default="4,8,16,32", help="comma-separated LoRA ranks (default 4,8,16,32)")
+    w.add_argument("--alphas", default="8,16,32", help="comma-separated LoRA alphas (default 8,16,32)")
+    add_classifier_flags(w)
+    w.set_defaults(run=cmd_sweep)
 
     e = sub.add_parser("eval", help="metrics of a classification adapter on a data split, as JSON")
     e.add_argument("--adapter", required=True)
@@ -250,6 +256,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_classifier_flags(parser):
+    """What `train` and `sweep` share: model, data, LoRA placement, text format, training flags."""
+    add_model_flags(parser)
+    add_data_flags(parser)
+    parser.add_argument("--val-file")
+    parser.add_argument("--test-file")
+    parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
+    parser.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
+    parser.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
+    parser.add_argument("--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'")
+    add_train_flags(parser)
+
+
 def add_train_flags(parser):
     from .train import SCHEDULES, TrainConfig
 
@@ -265,14 +286,18 @@ def add_train_flags(parser):
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between evaluations/checkpoints")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
 
 
 def main(argv=None):
+    from . import distributed
+
     args = parser().parse_args(argv)
     try:
+        distributed.setup()  # under torchrun: join the other processes
         args.run(args)
     except LoraftError as e:
         print(f"loraft: error: {e}", file=sys.stderr)
@@ -280,6 +305,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("loraft: interrupted (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":
