@@ -24,6 +24,20 @@ def cmd_generate(args):
 
     if args.max_new_tokens < 1:
         raise LoraftError("--max-new-tokens must be at least 1")
+    if args.adapter:
+        from .instruct import load_instruct, stream_answer
+
+        instruction = args.instruction or args.prompt
+        if not instruction:
+            raise LoraftError("give the instruction with --prompt or --instruction")
+        model, tokenizer, meta = load_instruct(args.adapter, args.weights)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        print_stream(tokenizer, stream_answer(model, tokenizer, meta, instruction, args.input or "", args.max_new_tokens, **sampling))
+        return
+    if args.instruction or args.input:
+        raise LoraftError("--instruction and --input fill an instruction adapter's template: give --adapter DIR (or the whole text with --prompt)")
+    if not args.prompt:
+        raise LoraftError("give --prompt (or --adapter DIR with --instruction)")
     model, tokenizer = load_model(args.model, args.weights)
     tokens = []
     for token in stream_tokens(
@@ -32,6 +46,46 @@ def cmd_generate(args):
     ):  # fmt: skip
         tokens.append(token)
     print(args.prompt + tokenizer.decode(tokens))
+
+
+def print_stream(tokenizer, tokens):
+    """Print text as the tokens come (a character split over tokens waits for its last byte)."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids).strip()  # as `respond` returns it
+        if not text.endswith("\ufffd"):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(ids).strip()[len(shown) :])
+
+
+def cmd_instruct(args):
+    from .instruct import train_instruct
+
+    train_instruct(
+        data=args.data, val_file=args.val_file, test_file=args.test_file, template=args.template, mask_prompt=args.mask_prompt,
+        rank=args.rank, alpha=args.alpha, scaling=args.scaling, targets=args.targets, dropout=args.dropout,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, **train_options(args),
+    )  # fmt: skip
+
+
+def cmd_chat(args):
+    from .instruct import load_instruct, stream_answer
+
+    if args.max_new_tokens < 1:
+        raise LoraftError("--max-new-tokens must be at least 1")
+    model, tokenizer, meta = load_instruct(args.adapter, args.weights)
+    print(f"{meta['base_model']} + {args.adapter} ({meta['template']} template). One instruction per line; an empty line or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        if not line.strip():
+            break
+        print_stream(tokenizer, stream_answer(model, tokenizer, meta, line, "", args.max_new_tokens))
 
 
 def cmd_info(args):
@@ -188,7 +242,10 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt")
     add_model_flags(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="the text to continue; with --adapter, the instruction")
+    g.add_argument("--adapter", help="an instruction adapter: answer in its template, on its base model")
+    g.add_argument("--instruction", help="with --adapter: the instruction")
+    g.add_argument("--input", help="with --adapter: the instruction's input (optional)")
     g.add_argument("--max-new-tokens", type=int, default=50)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
@@ -232,6 +289,33 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--input", help="a UTF-8 file, one text per line")
     c.add_argument("texts", nargs="*", help="texts, or - to read standard input")
     c.set_defaults(run=cmd_classify)
+
+    from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, TEMPLATES
+
+    n = sub.add_parser("instruct", help="instruction fine-tuning (default: SmolLM2 on the book's 1,100 Alpaca examples, LoRA)")
+    add_model_flags(n)
+    n.add_argument("--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file")
+    n.add_argument("--val-file")
+    n.add_argument("--test-file")
+    n.add_argument("--out", default="runs/instruct", help="output folder (default runs/instruct)")
+    n.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help=f"the book's Alpaca prompt or the model's chat template (default {DEFAULT_TEMPLATE})")
+    n.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="loss on the response tokens only (default; --no-mask-prompt: on the prompt too, as the book)")
+    n.add_argument("--rank", type=int, default=16)
+    n.add_argument("--alpha", type=float, default=16.0)
+    n.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
+    n.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    n.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    n.add_argument("--max-length", type=int, default=256, help="truncate prompt + response to this many tokens")
+    n.add_argument("--max-new-tokens", type=int, default=128, help="longest generated test answer")
+    add_train_flags(n)
+    n.set_defaults(run=cmd_instruct)
+
+    h = sub.add_parser("chat", help="ask an instruction adapter, one instruction per line, in the terminal")
+    h.add_argument("--adapter", required=True)
+    h.add_argument("--weights", help="GPT-2 base only: local weights")
+    h.add_argument("--max-new-tokens", type=int, default=256)
+    h.set_defaults(run=cmd_chat)
 
     x = sub.add_parser("export-peft", help="write a loraft adapter as a Hugging Face PEFT adapter folder")
     x.add_argument("--adapter", required=True)

@@ -15,18 +15,15 @@ from torch import nn
 from . import lora
 from .adapters import load_adapter, read_adapter, save_adapter
 from .classifier import length_bucketed_batches
-from .data.instruction import BOOK_DATA, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
+from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
 from .errors import LoraftError
 from .evaluate import answer_scores
 from .finetune import bf16_supported, cast_frozen_weights, check_out_folder
-from .generate import generate
+from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
 from .train import Trainer, TrainConfig, check_config
 from .weights import read_json, write_json
-
-DEFAULT_TEMPLATE = "alpaca"  # measured against "chat" (README, "Instruction fine-tuning")
-
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every counted target, and where those targets are. The output head runs on
@@ -99,13 +96,23 @@ def split_loss(model, tokenizer, examples: list[Example], template: str, max_len
     return {"loss": loss, "perplexity": math.exp(loss), "response_loss": response_loss, "response_perplexity": math.exp(response_loss)}
 
 
-def respond(model, tokenizer, meta: dict, instruction: str, input: str = "", max_new_tokens: int = 256) -> str:
-    """The model's greedy answer to an instruction (and its input), in the adapter's template."""
+def stream_answer(model, tokenizer, meta: dict, instruction: str, input: str = "", max_new_tokens: int = 256, **sampling):
+    """Yield the tokens of the model's answer to an instruction (and its input), asked in the
+    adapter's template, until its end token; `sampling`: temperature, top_k, seed (default greedy)."""
     template = meta.get("template", DEFAULT_TEMPLATE)
     prompt_ids = tokenizer.encode(format_prompt(instruction, input, template))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(model)):
-        tokens = generate(model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id})
-    return tokenizer.decode(tokens).strip()
+    tokens = stream_tokens(model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling)
+    while True:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(model)):  # bf16 weights need it
+            token = next(tokens, None)
+        if token is None:
+            return
+        yield token
+
+
+def respond(model, tokenizer, meta: dict, instruction: str, input: str = "", max_new_tokens: int = 256) -> str:
+    """The model's greedy answer to an instruction (and its input), in the adapter's template."""
+    return tokenizer.decode(list(stream_answer(model, tokenizer, meta, instruction, input, max_new_tokens))).strip()
 
 
 def generate_answers(model, tokenizer, meta: dict, examples: list[Example], max_new_tokens: int) -> list[str]:
@@ -124,7 +131,7 @@ def train_instruct(
     val_file=None,
     test_file=None,
     template=DEFAULT_TEMPLATE,
-    mask_prompt=False,
+    mask_prompt=True,  # measured: better answers than the book's loss on prompt and response (README)
     rank=16,
     alpha=16.0,
     scaling="standard",
@@ -241,7 +248,7 @@ def load_instruct(adapter_dir, weights=None):
         raise LoraftError(f"{adapter_dir} is not an instruction adapter (task {meta.get('task')!r})")
     model, tokenizer = load_model(meta["base_model"], weights)
     load_adapter(model, adapter_dir)
-    lora.merge(model)
-    if bf16_supported():
+    if bf16_supported():  # cast, then merge: the weights the training job answered the test with
         cast_frozen_weights(model, torch.bfloat16)
+    lora.merge(model)
     return model, tokenizer, meta
