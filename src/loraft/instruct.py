@@ -25,6 +25,7 @@ from .plots import plot_run
 from .train import Trainer, TrainConfig, check_config
 from .weights import read_json, write_json
 
+
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every counted target, and where those targets are. The output head runs on
     the counted positions alone: the 49,152-word head is a fifth of the model's work per token."""
