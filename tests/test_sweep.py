@@ -15,7 +15,7 @@ tiny_gpt2_weights, small_sms_tsv = test_train.tiny_gpt2_weights, test_train.smal
 def sweep_args(weights, data, out, *extra):
     return [
         "sweep", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
-        "--ranks", "2,4", "--alphas", "8", "--epochs", "2", "--eval-every", "4", *extra,
+        "--ranks", "2,4", "--alphas", "8", "--epochs", "2", "--eval-every", "4", "--no-compile", *extra,
     ]  # fmt: skip
 
 

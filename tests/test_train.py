@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from .conftest import SMS_FILE
 from .test_cli import assert_clear_error, loraft
@@ -34,11 +35,23 @@ def small_sms_tsv(tmp_path_factory):
     return path
 
 
-def train_args(weights, data, out, *extra):
+def train_args(weights, data, out, *extra, compile=False):
     return [
         "train", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
         "--epochs", "40", "--eval-every", "4", "--lr", "1e-3", "--rank", "4", "--quiet", *extra,
-    ]  # fmt: skip
+    ] + ["--no-compile"] * (not compile)  # fmt: skip
+
+
+def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    """torch.compile (the CLI's default where a C++ compiler is found) changes the speed, not the result."""
+    for name, compile in (("eager", False), ("compiled", True)):
+        result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / name, "--epochs", "3", "--no-bf16", compile=compile))
+        assert result.returncode == 0, result.stderr
+    eager, compiled = (load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv):

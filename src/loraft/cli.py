@@ -107,12 +107,12 @@ def cmd_info(args):
 
 
 def train_options(args) -> dict:
-    from .train import TrainConfig
+    from .train import TrainConfig, compiler_found
 
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
-        bf16=not args.no_bf16, gradient_checkpointing=args.gradient_checkpointing,
+        bf16=not args.no_bf16, gradient_checkpointing=args.gradient_checkpointing, compile=not args.no_compile and compiler_found(),
     )  # fmt: skip
     return dict(train=cfg, out=args.out, model=args.model, weights=args.weights, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
 
@@ -371,6 +371,7 @@ def add_train_flags(parser):
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
+    parser.add_argument("--no-compile", action="store_true", help="train eager (default: torch.compile the blocks where a C++ compiler is found)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")

@@ -13,6 +13,8 @@ single process would compute), and process 0 alone evaluates, logs and writes ch
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ class TrainConfig:
     seed: int = 123
     bf16: bool = True
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    compile: bool = False  # torch.compile the blocks: ~1.5x faster steps after ~50 s of compiling
+    compile: bool = False  # torch.compile the blocks while training (the CLI's default where a C++ compiler is found)
 
 
 class Task(Protocol):
@@ -109,6 +111,24 @@ def is_better(metric: str, row: dict, best: list | None) -> bool:
     return value >= best[0]
 
 
+def compiler_found() -> bool:
+    """torch.compile on a CPU writes C++ and builds it with the system's compiler."""
+    return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+
+
+def compile_blocks(model: nn.Module):
+    """torch.compile every transformer block for training (measured: steps ~1.5x faster, after ~50 s of
+    compiling). The blocks share one compiled graph; dynamic shapes, since every batch has its own length."""
+    for block in model.trf_blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def uncompile_blocks(model: nn.Module):
+    """Back to eager blocks: evaluating a merged model or generating with a cache would compile anew."""
+    for block in model.trf_blocks:
+        del block.forward
+
+
 class Trainer:
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False):
         check_config(cfg)
@@ -119,9 +139,8 @@ class Trainer:
         if not self.params:
             raise LoraftError("nothing to train: no parameter requires a gradient")
         model.gradient_checkpointing = cfg.gradient_checkpointing  # read by the models' block loops
-        if cfg.compile:  # identical blocks share one compiled graph; dynamic: every batch has its own length
-            for block in model.trf_blocks:
-                block.compile(dynamic=True)
+        if cfg.compile and not compiler_found():
+            raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
         self.is_main, self.world = distributed.is_main(), distributed.world_size()
         self.task_loss = TaskLoss(model, task)
         if self.world > 1:  # synchronises the parameters that require a gradient, and only those
@@ -221,6 +240,8 @@ class Trainer:
                 self.metrics_file.write_text("")
         cfg, s = self.cfg, self.state
         self.model.train()
+        if cfg.compile:
+            compile_blocks(self.model)
         bar = tqdm(total=self.total_steps, initial=s["step"], disable=self.quiet or not self.is_main, unit="step", dynamic_ncols=True)
         while s["epoch"] < cfg.epochs:
             batches = self.task.train_batches(s["epoch"], cfg.batch_size)
@@ -271,6 +292,8 @@ class Trainer:
                 if end_of_epoch:
                     break
         bar.close()
+        if cfg.compile:
+            uncompile_blocks(self.model)
         if self.best_weights is not None:
             with torch.no_grad():
                 for n, p in self.params.items():
