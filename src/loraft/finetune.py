@@ -88,6 +88,16 @@ def check_out_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         shutil.rmtree(out)
 
 
+def claim_out_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> bool:
+    """Check (with --overwrite, clear) `out` in process 0 while the others wait. True in process 0:
+    under torchrun the other processes only train, and process 0 alone writes files."""
+    main = distributed.is_main()
+    if main:
+        check_out_folder(out, config, resume, overwrite)
+    distributed.barrier()
+    return main
+
+
 def train_classifier(
     out="runs/sms-spam",
     model=DEFAULT_MODEL,
@@ -121,11 +131,8 @@ def train_classifier(
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, cfg.seed)
-    main = distributed.is_main()  # under torchrun the other processes only train
+    main = claim_out_folder(out, config, resume, overwrite)
     quiet = quiet or not main
-    if main:
-        check_out_folder(out, config, resume, overwrite)
-    distributed.barrier()  # the others wait until `out` is checked (and cleared, with --overwrite)
     started = time.perf_counter()
     base, tokenizer = load_model(model, weights)
     if max_length > base.context_length:

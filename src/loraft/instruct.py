@@ -18,7 +18,7 @@ from .classifier import length_bucketed_batches
 from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
 from .errors import LoraftError
 from .evaluate import answer_scores
-from .finetune import bf16_supported, cast_frozen_weights, check_out_folder
+from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder
 from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
@@ -157,7 +157,8 @@ def train_instruct(
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_instruction_data(data, val_file, test_file, cfg.seed)
     format_prompt("", "", template)  # an unknown template fails here, before anything is written
-    check_out_folder(out, config, resume, overwrite)
+    main = claim_out_folder(out, config, resume, overwrite)
+    quiet = quiet or not main
     started = time.perf_counter()
     base, tokenizer = load_model(model, weights)
     end_id(tokenizer, template)  # a chat template needs a model that has one
@@ -170,7 +171,8 @@ def train_instruct(
     task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)
     adapter_meta = dict(task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config)
+    if main:
+        write_json(out / "config.json", config)
 
     def measure(split: str) -> dict:
         return split_loss(base, tokenizer, getattr(dataset, split), template, max_length, mask_prompt, cfg.bf16)
@@ -181,7 +183,7 @@ def train_instruct(
     before_file = out / "before.json"
     if resume and before_file.is_file():
         before = read_json(before_file)
-    else:
+    elif main:
         lora.set_active(base, None)  # the base model alone
         answers = answer(dataset.test)
         before = {
@@ -197,6 +199,8 @@ def train_instruct(
         print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
               f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}")  # fmt: skip
     state = trainer.run(resume)
+    if not main:
+        return {}  # process 0 saves the adapter, answers the test split and reports
     save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
     lora.merge(base)  # generation at the base model's speed
     after = {"val": measure("val"), "test": measure("test")}
