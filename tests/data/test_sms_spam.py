@@ -1,10 +1,30 @@
+import zipfile
+
 import pandas as pd
 import pytest
 
+from loraft.data import sms_spam
 from loraft.data.sms_spam import book_split, load_sms_spam, read_sms_spam
 from loraft.errors import LoraftError
 
 from ..conftest import SMS_FILE
+
+
+def test_download_unzips_and_checks_the_sha256(tmp_path, monkeypatch):
+    """The real download code, from a local zip laid out as UCI's."""
+    archive = tmp_path / "sms+spam+collection.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("SMSSpamCollection", SMS_FILE.read_bytes())
+        z.writestr("readme", "the dataset's readme")
+    monkeypatch.setattr(sms_spam, "URL", archive.as_uri())
+    sms_spam.download(tmp_path / "SMSSpamCollection")
+    assert (tmp_path / "SMSSpamCollection").read_bytes() == SMS_FILE.read_bytes()
+
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("SMSSpamCollection", SMS_FILE.read_bytes()[:-10])
+    with pytest.raises(LoraftError, match="expected sha256"):
+        sms_spam.download(tmp_path / "bad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection", "sms+spam+collection.zip"]  # nothing half-written
 
 
 def test_every_line_is_read():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraftError
-from ..weights import cache_dir, data_dir, sha256_of
+from ..weights import cache_dir, data_dir, download_checked
 from .classification import read_rows, read_text_file
 
 BOOK_DATA = "instruction-data"  # --data name of the book's file
@@ -58,22 +58,7 @@ def book_file() -> Path:
 
 
 def download(target: Path):
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(URL, timeout=60) as response:
-            content = response.read()
-    except Exception as e:
-        raise LoraftError(
-            f"could not download the book's instruction data from {URL} ({type(e).__name__}); "
-            f"pass a local copy with --data FILE.json or set LORAFT_DATA_DIR"
-        ) from None
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(content)
-    if sha256_of(tmp) != SHA256:
-        tmp.unlink()
-        raise LoraftError(f"the downloaded instruction-data.json does not have the expected sha256 {SHA256}")
-    tmp.replace(target)
+    download_checked(URL, SHA256, target, "instruction-data.json", "pass a local copy with --data FILE.json or set LORAFT_DATA_DIR")
 
 
 def read_examples(path) -> list[Example]:

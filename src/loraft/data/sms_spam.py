@@ -1,13 +1,11 @@
 """The UCI SMS Spam Collection and the book's balanced split of it (chapter 6 / appendix E)."""
 
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LoraftError
-from ..weights import cache_dir, data_dir, sha256_of
+from ..weights import cache_dir, data_dir, download_checked
 from .classification import ClassificationData, Split, read_text_file
 
 URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -33,24 +31,7 @@ def sms_spam_file(data_file: str | None = None) -> Path:
 
 
 def download(target: Path):
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(URL, timeout=60) as response:
-            archive = response.read()
-        with zipfile.ZipFile(io.BytesIO(archive)) as z:
-            content = z.read("SMSSpamCollection")
-    except Exception as e:
-        raise LoraftError(
-            f"could not download the SMS Spam Collection from {URL} ({type(e).__name__}); "
-            f"pass a local copy with --data-file PATH or set LORAFT_DATA_DIR"
-        ) from None
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(content)
-    if sha256_of(tmp) != SHA256:
-        tmp.unlink()
-        raise LoraftError(f"the downloaded SMSSpamCollection does not have the expected sha256 {SHA256}")
-    tmp.replace(target)
+    download_checked(URL, SHA256, target, "SMSSpamCollection", "pass a local copy with --data-file PATH or set LORAFT_DATA_DIR", zip_member="SMSSpamCollection")
 
 
 def read_sms_spam(path: Path) -> tuple[list[str], list[int]]:
