@@ -12,6 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from loraft.train import compiler_found
+
 from .conftest import SMS_FILE
 from .test_cli import assert_clear_error, loraft
 
@@ -42,6 +44,7 @@ def train_args(weights, data, out, *extra, compile=False):
     ] + ["--no-compile"] * (not compile)  # fmt: skip
 
 
+@pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     """torch.compile (the CLI's default where a C++ compiler is found) changes the speed, not the result."""
     for name, compile in (("eager", False), ("compiled", True)):
