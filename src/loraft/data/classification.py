@@ -145,13 +145,15 @@ def load_classification_data(
             t, r = read_labelled_texts(file, text_column, label_column)
             extra[name] = Split(t, encode_labels(file, r, label_names))
     data = ClassificationData(train, extra.get("val", val), extra.get("test", test), label_names)
-    empty = [name for name, size in data.sizes().items() if size == 0]
-    if empty:
-        raise LoraftError(
-            f"{path}: {len(whole)} rows leave the {' and '.join(empty)} split empty; "
-            f"give more rows (10 at least) or --val-file / --test-file"
-        )
+    check_no_split_empty(data.sizes(), path, f"{len(whole)} rows", "rows (10 at least)")
     return data
+
+
+def check_no_split_empty(sizes: dict[str, int], source, what: str, more: str):
+    """A clear error where a split leaves train, validation or test without a single example."""
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:
+        raise LoraftError(f"{source}: {what} leave the {' and '.join(empty)} split empty; give more {more} or --val-file / --test-file")
 
 
 @dataclass

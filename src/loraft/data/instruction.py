@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LoraftError
 from ..weights import cache_dir, data_dir, download_checked
-from .classification import read_rows, read_text_file
+from .classification import check_no_split_empty, read_rows, read_text_file
 
 BOOK_DATA = "instruction-data"  # --data name of the book's file
 URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
@@ -114,12 +114,7 @@ def load_instruction_data(data: str = BOOK_DATA, val_file=None, test_file=None, 
         val = read_examples(val_file) if val_file else val
         test = read_examples(test_file) if test_file else test
     dataset = InstructionData(train, val, test)
-    empty = [name for name, size in dataset.sizes().items() if size == 0]
-    if empty:
-        raise LoraftError(
-            f"{data}: {len(examples)} examples leave the {' and '.join(empty)} split empty; "
-            f"give more examples (20 at least) or --val-file / --test-file"
-        )
+    check_no_split_empty(dataset.sizes(), data, f"{len(examples)} examples", "examples (20 at least)")
     return dataset
 
 
