@@ -15,6 +15,7 @@ def test_one_epoch_of_lora_makes_a_spam_classifier(spam_run):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["examples_seen"] == 1045 and rows[-1]["epoch"] == 1.0
+    assert rows[-1]["tokens_seen"] / rows[-1]["train_seconds"] == report["train_tokens_per_second"]
 
     # The saved adapter, merged into a bf16 base as `loraft classify` runs it, scores as the report says.
     evaluated = evaluate_adapter(run / "adapter")

@@ -215,6 +215,8 @@ class Trainer:
             "step": s["step"],
             "epoch": s["step"] / self.steps_per_epoch,
             "examples_seen": s["examples"],
+            "tokens_seen": s["tokens"],
+            "train_seconds": s["train_seconds"],  # the loop's own time, evaluations left out
             "train_loss": s["loss_sum"] / max(1, s["batches_since_eval"]),
             **({"train_accuracy": s["correct"] / s["count"]} if s["count"] else {}),
             **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
