@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from loraft.weights import read_safetensors
 
 from . import test_train
 from .test_cli import loraft
-from .test_train import train_args
+from .test_train import kill_once_logged, train_args
 
 tiny_gpt2_weights, small_sms_tsv = test_train.tiny_gpt2_weights, test_train.small_sms_tsv  # fixtures
 
@@ -32,13 +31,7 @@ def test_two_processes_train_the_adapter_of_one_and_resume(tmp_path, tiny_gpt2_w
     # Two processes, killed (the whole process group, as Ctrl-C in the terminal would) after a few
     # evaluations, then resumed.
     process = subprocess.Popen([*TORCHRUN, *args("two")], start_new_session=True, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "two" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    kill_once_logged(process, tmp_path / "two" / "metrics.jsonl", rows=4, seconds=120, kill=os.killpg)
     assert process.wait() == -signal.SIGKILL, process.stderr.read()
     resumed = subprocess.run([*TORCHRUN, *args("two", "--resume")], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,17 @@ def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights,
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
 
 
+def kill_once_logged(process, metrics: Path, rows: int, seconds: float, kill=os.kill):
+    """SIGKILL `process` (`kill=os.killpg`: its whole group) once `metrics` holds `rows` lines; give up
+    after `seconds` or when it ends by itself."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            kill(process.pid, signal.SIGKILL)
+            return
+        time.sleep(0.02)
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "whole"))
     assert result.returncode == 0, result.stderr
@@ -64,12 +76,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights,
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out)])
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    kill_once_logged(process, metrics, rows=5, seconds=240)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
     assert not (out / "report.json").exists()
 
