@@ -303,9 +303,7 @@ def parser() -> argparse.ArgumentParser:
                    help="loss on the response tokens only (default; --no-mask-prompt: on the prompt too, as the book)")
     n.add_argument("--rank", type=int, default=16)
     n.add_argument("--alpha", type=float, default=16.0)
-    n.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
-    n.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
-    n.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    add_lora_flags(n)
     n.add_argument("--max-length", type=int, default=256, help="truncate prompt + response to this many tokens")
     n.add_argument("--max-new-tokens", type=int, default=128, help="longest generated test answer")
     add_train_flags(n)
@@ -346,13 +344,18 @@ def add_classifier_flags(parser):
     add_data_flags(parser)
     parser.add_argument("--val-file")
     parser.add_argument("--test-file")
-    parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
-    parser.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    add_lora_flags(parser)
     parser.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
     parser.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
     parser.add_argument("--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'")
     add_train_flags(parser)
+
+
+def add_lora_flags(parser):
+    """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
+    parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
+    parser.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
 
 
 def add_train_flags(parser):

@@ -41,9 +41,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------- safetensors (GPT-2)
-
-
 def download_checked(url: str, sha256: str, target: Path, what: str, local_copy_hint: str, zip_member: str | None = None):
     """Download `url` (from a zip archive, its member `zip_member`) to `target`, which is written only
     when its sha256 is `sha256`."""
@@ -60,6 +57,9 @@ def download_checked(url: str, sha256: str, target: Path, what: str, local_copy_
     if hashlib.sha256(content).hexdigest() != sha256:
         raise LoraftError(f"the downloaded {what} does not have the expected sha256 {sha256}")
     atomic_write(target, lambda tmp: tmp.write_bytes(content))
+
+
+# ---------------------------------------------------------------- safetensors (GPT-2)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
