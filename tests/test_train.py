@@ -69,18 +69,21 @@ def kill_once_logged(process, metrics: Path, rows: int, seconds: float, kill=os.
         time.sleep(0.02)
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv):
-    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "whole"))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv, device):
+    """LoRA dropout draws from the device's random numbers: the checkpoint restores them too."""
+    flags = ["--device", device, "--dropout", "0.1"]
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "whole", *flags))
     assert result.returncode == 0, result.stderr
 
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out)])
+    process = subprocess.Popen([sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)])
     metrics = out / "metrics.jsonl"
     kill_once_logged(process, metrics, rows=5, seconds=240)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
     assert not (out / "report.json").exists()
 
-    resumed = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--resume"))
+    resumed = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     whole, again = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "killed"))
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test", "best_step"):
@@ -107,6 +110,8 @@ def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_w
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["--max-length", "5000"], "exceeds gpt2-small's context length 128"),
         (["--resume"], "no checkpoint"),
+        (["--device", "tpu"], "--device 'tpu': choose auto, cpu, cuda or cuda:N"),
+        *([(["--device", "cuda"], "PyTorch finds no CUDA GPU here")] if not torch.cuda.is_available() else []),
     ]:
         assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)), message)
         assert not out.exists() or not any(out.iterdir()), flags

@@ -11,6 +11,8 @@ from .data.classification import Batch, ClassificationData, Split, collate
 from .errors import LoraftError
 from .evaluate import classification_metrics
 from .lora import add_module_to_save
+from .models import model_device
+from .train import bf16_autocast
 
 POOLINGS = ("last", "first", "mean")
 
@@ -65,7 +67,7 @@ class TextFormat:
 
 
 def classify_logits(model: nn.Module, batch: Batch, pooling: str = "last") -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = model_device(model)
     hidden = model.hidden_states(batch.input_ids.to(device))
     return model.out_head(pool(hidden, batch.lengths, pooling)).float()
 
@@ -79,9 +81,9 @@ def predict_proba(model, tokenizer, texts: list[str], fmt: TextFormat, batch_siz
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([token_lists[i] for i in rows], [0] * len(rows), tokenizer.pad_id, fmt.max_length)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(model_device(model), autocast):
             logits = classify_logits(model, batch, fmt.pooling)
-        for i, p in zip(rows, torch.softmax(logits, -1)):
+        for i, p in zip(rows, torch.softmax(logits, -1).cpu()):
             probs[i] = p
     return torch.stack(probs) if probs else torch.empty(0)
 
@@ -117,8 +119,9 @@ class ClassificationTask:
 
     def loss(self, model, batch: Batch):
         logits = classify_logits(model, batch, self.fmt.pooling)
-        loss = nn.functional.cross_entropy(logits, batch.labels)
-        return loss, {"correct": int((logits.argmax(-1) == batch.labels).sum()), "count": len(batch.labels)}
+        labels = batch.labels.to(logits.device)
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": len(labels)}
 
     def evaluate(self, model) -> dict:
         return evaluate_split(model, self.tokenizer, self.data.val, self.data.label_names, self.fmt, self.autocast)

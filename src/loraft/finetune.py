@@ -18,13 +18,15 @@ from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
-from .train import Trainer, TrainConfig, check_config
+from .train import Trainer, TrainConfig, check_config, pick_device
 from .weights import read_json, write_json
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
 
-def bf16_supported() -> bool:
+def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -125,8 +127,9 @@ def train_classifier(
     """Fine-tune `model` into a classifier of `data`; write the adapter, metrics, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
     cfg = train or TrainConfig()
-    cfg.bf16 = cfg.bf16 and bf16_supported()
     check_config(cfg)
+    device = pick_device(cfg.device)
+    cfg.bf16 = cfg.bf16 and bf16_supported(device)
     fmt = TextFormat(template, max_length, pooling)
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
@@ -139,6 +142,7 @@ def train_classifier(
         raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
     torch.manual_seed(cfg.seed)  # the new head and the LoRA A matrices start from it
     prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
+    base.to(device)
     if cfg.bf16 and method in ("lora", "head"):
         cast_frozen_weights(base, torch.bfloat16)
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .errors import LoraftError
+from .models import model_device
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def stream_tokens(
             f"context length ({model.context_length})"
         )
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = model.new_cache()
     logits = model(torch.tensor([prompt_ids], device=device), cache)[0, -1]
     for _ in range(max_new_tokens):

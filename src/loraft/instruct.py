@@ -20,16 +20,16 @@ from .errors import LoraftError
 from .evaluate import answer_scores
 from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder
 from .generate import stream_tokens
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, model_device
 from .plots import plot_run
-from .train import Trainer, TrainConfig, check_config
+from .train import Trainer, TrainConfig, bf16_autocast, check_config, pick_device
 from .weights import read_json, write_json
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every counted target, and where those targets are. The output head runs on
     the counted positions alone: the 49,152-word head is a fifth of the model's work per token."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     hidden = model.hidden_states(batch.input_ids.to(device))
     counted = batch.labels.to(device) != -100
     logits = model.out_head(hidden[counted]).float()
@@ -82,7 +82,7 @@ def split_loss(model, tokenizer, examples: list[Example], template: str, max_len
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = collate([sequences[i] for i in rows], tokenizer.pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(model_device(model), autocast):
             losses, counted = token_losses(model, batch)
         # A target belongs to the response from the position of the prompt's last token on.
         starts = torch.tensor([prompt_lengths[i] - 1 for i in rows])
@@ -104,7 +104,7 @@ def stream_answer(model, tokenizer, meta: dict, instruction: str, input: str = "
     prompt_ids = tokenizer.encode(format_prompt(instruction, input, template))
     tokens = stream_tokens(model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling)
     while True:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(model)):  # bf16 weights need it
+        with bf16_autocast(model_device(model), uses_bf16(model)):  # bf16 weights need it
             token = next(tokens, None)
         if token is None:
             return
@@ -149,8 +149,9 @@ def train_instruct(
     answers, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
     cfg = train or TrainConfig()
-    cfg.bf16 = cfg.bf16 and bf16_supported()
     check_config(cfg)
+    device = pick_device(cfg.device)
+    cfg.bf16 = cfg.bf16 and bf16_supported(device)
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
     out = Path(out)
@@ -166,6 +167,7 @@ def train_instruct(
         raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
     torch.manual_seed(cfg.seed)  # the LoRA A matrices start from it
     lora.apply_lora(base, rank, alpha, list(targets), scaling, dropout)
+    base.to(device)
     if cfg.bf16:
         cast_frozen_weights(base, torch.bfloat16)
     task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)

@@ -47,6 +47,7 @@ class TrainConfig:
     bf16: bool = True
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     compile: bool = False  # torch.compile the blocks while training (the CLI's default where a C++ compiler is found)
+    device: str = "auto"  # cpu, cuda, cuda:N; auto: a CUDA GPU when PyTorch finds one, else the CPU
 
 
 class Task(Protocol):
@@ -98,6 +99,25 @@ def check_config(cfg: TrainConfig):
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
 
 
+def pick_device(name: str) -> torch.device:
+    """--device as a torch.device; under torchrun, "auto" and "cuda" are the process's own GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise LoraftError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoraftError(f"--device {name}: PyTorch finds no CUDA GPU here (torch {torch.__version__})")
+    return device
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def is_better(metric: str, row: dict, best: list | None) -> bool:
     """Higher `metric` wins (lower, for a loss); a tie goes to the later weights. Small validation
     sets tie often (149 SMS: one error from step 100 to the end), and the later, annealed weights
@@ -138,6 +158,7 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise LoraftError("nothing to train: no parameter requires a gradient")
+        self.device = next(iter(self.params.values())).device
         model.gradient_checkpointing = cfg.gradient_checkpointing  # read by the models' block loops
         if cfg.compile and not compiler_found():
             raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
@@ -169,6 +190,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "state": dict(self.state),
                 "config": asdict(self.cfg),
         }
@@ -178,7 +200,7 @@ class Trainer:
         if not self.checkpoint_file.is_file():
             raise LoraftError(f"--resume: no checkpoint in {self.out}")
         try:
-            ckpt = torch.load(self.checkpoint_file, weights_only=True)
+            ckpt = torch.load(self.checkpoint_file, map_location=self.device, weights_only=True)
         except Exception as e:
             raise LoraftError(f"--resume: {self.checkpoint_file} is unreadable ({type(e).__name__})") from None
         if ckpt["config"] != asdict(self.cfg):
@@ -192,7 +214,9 @@ class Trainer:
         self.best_weights = ckpt["best_weights"]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), self.device)
         self.state = ckpt["state"]
         # Rows logged after the checkpoint will be logged again.
         if self.is_main and self.metrics_file.is_file():
@@ -255,7 +279,7 @@ class Trainer:
                 for i, batch in enumerate(group):
                     rows, n = distributed.shard(batch)
                     with self.sync_gradients(last=i == len(group) - 1):
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                        with bf16_autocast(self.device, cfg.bf16):
                             loss, stats = self.task_loss(rows)
                         # Weighted by examples; DDP averages over processes, hence the world size.
                         (loss * n / examples * self.world).backward()

@@ -63,6 +63,10 @@ def build_empty(name: str) -> nn.Module:
     return model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def parameter_count(name: str) -> int:
     return sum(p.numel() for p in build_empty(name).parameters())
 
