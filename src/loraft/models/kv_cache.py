@@ -29,10 +29,44 @@ def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0):
     """
     if training and q.device.type == "cpu":
         # Differentiating SDPA's CPU flash kernel is 2-3x slower than its math backend for the short
-        # sequences we train on (30-120 tokens; equal at 300); for inference flash is as fast or faster.
+        # sequences we train on (30-120 tokens; equal at 300), and the math backend 2x slower than
+        # CausalAttention; for inference flash is as fast or faster.
+        if dropout_p == 0 and q.shape[2] == k.shape[2]:
+            return CausalAttention.apply(q, k, v)
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa(q, k, v, dropout_p)
     return sdpa(q, k, v, dropout_p)
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + causal mask) v, with its backward written out so that every matrix
+    product reads contiguous operands: SDPA's math backend differentiates through transposed views,
+    and bf16 products on those are slow on a CPU. Measured forward + backward, batch 8, 64-wide heads,
+    30-120 tokens: 2.0-2.5x faster than the math backend; training steps 3-6% faster (GPT-2)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        n = q.shape[2]
+        scores = torch.matmul(q, k.transpose(-2, -1).contiguous()).to(softmax_dtype(q)) * q.shape[-1] ** -0.5
+        scores.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        probs = torch.softmax(scores, -1).to(q.dtype)
+        ctx.save_for_backward(q, k, v, probs)
+        return torch.matmul(probs, v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_v = torch.matmul(probs.transpose(-2, -1).contiguous(), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1).contiguous()).to(softmax_dtype(q))
+        p = probs.to(grad_probs.dtype)
+        grad_scores = (p * (grad_probs - (grad_probs * p).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5).to(q.dtype)
+        return torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-2, -1).contiguous(), q), grad_v
+
+
+def softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least fp32: bf16 scores would round away most of softmax's precision."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def sdpa(q, k, v, dropout_p: float):
