@@ -13,9 +13,14 @@ import torch
 import torch.distributed as dist
 
 
+def world_size_requested() -> int:
+    """How many processes torchrun started, known before `setup` joins them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup():
     """Join the process group when started by torchrun with more than one process; else do nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size_requested() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("cpu:gloo,cuda:nccl")

@@ -4,7 +4,7 @@ classifier is the default) with LoRA or one of the book's baselines."""
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +25,8 @@ METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
 
 def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # earlier GPUs emulate bf16, slowly
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -65,6 +65,15 @@ def prepare_model(model: nn.Module, method: str, num_classes: int, rank, alpha, 
     lora.adapter_state(model).configs["default"]["trained_parameters"] = [
         name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name and ".copies." not in name
     ]
+
+
+def resolved_config(train: TrainConfig | None, device: torch.device) -> TrainConfig:
+    """A copy of `train` (or the defaults) with the device it runs on and bf16 where that device has
+    it: what config.json records, so that --resume on another device is refused, not silently inexact."""
+    cfg = replace(train or TrainConfig())
+    cfg.device, cfg.bf16 = str(device), cfg.bf16 and bf16_supported(device)
+    check_config(cfg)
+    return cfg
 
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "before.json")
@@ -126,10 +135,8 @@ def train_classifier(
 ) -> dict:
     """Fine-tune `model` into a classifier of `data`; write the adapter, metrics, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
-    cfg = train or TrainConfig()
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    cfg.bf16 = cfg.bf16 and bf16_supported(device)
+    device = pick_device((train or TrainConfig()).device)
+    cfg = resolved_config(train, device)
     fmt = TextFormat(template, max_length, pooling)
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))

@@ -18,11 +18,11 @@ from .classifier import length_bucketed_batches
 from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
 from .errors import LoraftError
 from .evaluate import answer_scores
-from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder
+from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder, resolved_config
 from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model, model_device
 from .plots import plot_run
-from .train import Trainer, TrainConfig, bf16_autocast, check_config, pick_device
+from .train import Trainer, TrainConfig, bf16_autocast, pick_device
 from .weights import read_json, write_json
 
 
@@ -148,10 +148,8 @@ def train_instruct(
     """Fine-tune `model` to follow the instructions in `data`; write the adapter, metrics, test
     answers, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
-    cfg = train or TrainConfig()
-    check_config(cfg)
-    device = pick_device(cfg.device)
-    cfg.bf16 = cfg.bf16 and bf16_supported(device)
+    device = pick_device((train or TrainConfig()).device)
+    cfg = resolved_config(train, device)
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
     out = Path(out)

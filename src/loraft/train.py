@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import LoraftError
+from .models import model_device
 from .weights import atomic_write
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -46,7 +47,7 @@ class TrainConfig:
     seed: int = 123
     bf16: bool = True
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    compile: bool = False  # torch.compile the blocks while training (the CLI's default where a C++ compiler is found)
+    compile: bool = False  # torch.compile the blocks while training (the CLI's default on a CPU, where a C++ compiler is found)
     device: str = "auto"  # cpu, cuda, cuda:N; auto: a CUDA GPU when PyTorch finds one, else the CPU
 
 
@@ -111,6 +112,10 @@ def pick_device(name: str) -> torch.device:
         raise LoraftError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoraftError(f"--device {name}: PyTorch finds no CUDA GPU here (torch {torch.__version__})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise LoraftError(f"--device {name}: there are {torch.cuda.device_count()} GPUs, numbered from 0")
+    if device.index is not None and distributed.world_size_requested() > 1:
+        raise LoraftError(f"--device {name}: under torchrun every process takes its own GPU; pass --device cuda")
     return device
 
 
@@ -158,7 +163,7 @@ class Trainer:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise LoraftError("nothing to train: no parameter requires a gradient")
-        self.device = next(iter(self.params.values())).device
+        self.device = model_device(model)
         model.gradient_checkpointing = cfg.gradient_checkpointing  # read by the models' block loops
         if cfg.compile and not compiler_found():
             raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
@@ -200,7 +205,7 @@ class Trainer:
         if not self.checkpoint_file.is_file():
             raise LoraftError(f"--resume: no checkpoint in {self.out}")
         try:
-            ckpt = torch.load(self.checkpoint_file, map_location=self.device, weights_only=True)
+            ckpt = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)  # copied to the device below
         except Exception as e:
             raise LoraftError(f"--resume: {self.checkpoint_file} is unreadable ({type(e).__name__})") from None
         if ckpt["config"] != asdict(self.cfg):
@@ -214,9 +219,9 @@ class Trainer:
         self.best_weights = ckpt["best_weights"]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"].cpu())
+        torch.set_rng_state(ckpt["rng"])
         if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), self.device)
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
         self.state = ckpt["state"]
         # Rows logged after the checkpoint will be logged again.
         if self.is_main and self.metrics_file.is_file():
