@@ -67,10 +67,11 @@ def prepare_model(model: nn.Module, method: str, num_classes: int, rank, alpha, 
     ]
 
 
-def resolved_config(train: TrainConfig | None, device: torch.device) -> TrainConfig:
+def resolved_config(train: TrainConfig | None) -> TrainConfig:
     """A copy of `train` (or the defaults) with the device it runs on and bf16 where that device has
     it: what config.json records, so that --resume on another device is refused, not silently inexact."""
     cfg = replace(train or TrainConfig())
+    device = pick_device(cfg.device)
     cfg.device, cfg.bf16 = str(device), cfg.bf16 and bf16_supported(device)
     check_config(cfg)
     return cfg
@@ -135,8 +136,7 @@ def train_classifier(
 ) -> dict:
     """Fine-tune `model` into a classifier of `data`; write the adapter, metrics, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
-    device = pick_device((train or TrainConfig()).device)
-    cfg = resolved_config(train, device)
+    cfg = resolved_config(train)
     fmt = TextFormat(template, max_length, pooling)
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
@@ -149,7 +149,7 @@ def train_classifier(
         raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
     torch.manual_seed(cfg.seed)  # the new head and the LoRA A matrices start from it
     prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
-    base.to(device)
+    base.to(cfg.device)
     if cfg.bf16 and method in ("lora", "head"):
         cast_frozen_weights(base, torch.bfloat16)
     task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)

@@ -22,7 +22,7 @@ from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder, res
 from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model, model_device
 from .plots import plot_run
-from .train import Trainer, TrainConfig, bf16_autocast, pick_device
+from .train import Trainer, TrainConfig, bf16_autocast
 from .weights import read_json, write_json
 
 
@@ -148,8 +148,7 @@ def train_instruct(
     """Fine-tune `model` to follow the instructions in `data`; write the adapter, metrics, test
     answers, report and plots to `out`."""
     options = {k: v for k, v in locals().items() if k != "train"}
-    device = pick_device((train or TrainConfig()).device)
-    cfg = resolved_config(train, device)
+    cfg = resolved_config(train)
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
     out = Path(out)
@@ -165,7 +164,7 @@ def train_instruct(
         raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
     torch.manual_seed(cfg.seed)  # the LoRA A matrices start from it
     lora.apply_lora(base, rank, alpha, list(targets), scaling, dropout)
-    base.to(device)
+    base.to(cfg.device)
     if cfg.bf16:
         cast_frozen_weights(base, torch.bfloat16)
     task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)

@@ -14,6 +14,8 @@ import torch
 from .. import lora
 from ..classifier import classify_logits
 from ..data.classification import collate
+from ..models import model_device
+from ..train import bf16_autocast
 from ..instruct import respond
 
 
@@ -110,7 +112,7 @@ class MicroBatcher:
             start += len(chunk)
             lora.set_per_row(model, [rows[i][0] for i in chunk])
             batch = collate([token_lists[i] for i in chunk], [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists)))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.served.bf16):
+            with bf16_autocast(model_device(model), self.served.bf16):
                 logits = classify_logits(model, batch, group(chunk[0])[0])
             for i, p in zip(chunk, torch.softmax(logits, -1).tolist()):
                 probs[i] = p
