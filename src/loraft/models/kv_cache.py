@@ -22,7 +22,8 @@ class LayerCache:
 
 
 def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0):
-    """Scaled dot-product attention where query i sees keys up to its own position.
+    """Scaled dot-product attention where query i sees keys up to its own position. q may have a
+    multiple of k's and v's heads (grouped-query attention): query head h reads key head h // group.
 
     With a cache, the queries are the last q.shape[2] of k.shape[2] positions; SDPA's own
     `is_causal` aligns them to the first positions instead, so that case gets an explicit mask.
@@ -32,7 +33,10 @@ def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0):
         # sequences we train on (30-120 tokens; equal at 300), the math backend 1.5-2x slower than
         # CausalAttention; for inference flash is as fast or faster.
         if dropout_p == 0 and q.shape[2] == k.shape[2]:
-            return CausalAttention.apply(q, k, v)
+            # A key head's query heads, one after another, as one long query: no copies of k and v.
+            b, heads, n, d = q.shape
+            grouped = q.reshape(b, k.shape[1], heads // k.shape[1] * n, d)
+            return CausalAttention.apply(grouped, k, v).view(b, heads, n, d)
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa(q, k, v, dropout_p)
     return sdpa(q, k, v, dropout_p)
@@ -47,10 +51,10 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        n, dtype = q.shape[2], softmax_dtype(q)
+        dtype = softmax_dtype(q)
         with torch.autocast(q.device.type, enabled=False):  # the dtypes are chosen here
             scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1).contiguous()) * q.shape[-1] ** -0.5
-            scores.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            scores.masked_fill_(future_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
             probs = torch.softmax(scores, -1)
             ctx.save_for_backward(q, k, v, probs)
             return torch.matmul(probs.to(v.dtype), v)
@@ -68,6 +72,13 @@ class CausalAttention(torch.autograd.Function):
             return grad_q, grad_k, grad_v
 
 
+def future_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
+    """True where a query must not look: query i is at position i % n_keys (queries of a group of
+    heads come one after another, see causal_attention)."""
+    positions = torch.arange(n_queries, device=device) % n_keys
+    return torch.arange(n_keys, device=device)[None, :] > positions[:, None]
+
+
 def softmax_dtype(x: torch.Tensor) -> torch.dtype:
     """At least fp32: bf16 scores would round away much of softmax's precision."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -75,9 +86,10 @@ def softmax_dtype(x: torch.Tensor) -> torch.dtype:
 
 def sdpa(q, k, v, dropout_p: float):
     n_queries, n_keys = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
     if n_queries == 1:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if n_queries == n_keys:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - n_queries)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)

@@ -61,8 +61,6 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        group = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = causal_attention(q, k, v, self.training)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
