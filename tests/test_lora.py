@@ -239,41 +239,52 @@ def test_a_head_cannot_have_both_a_lora_and_a_module_to_save():
 
 
 @pytest.mark.parametrize("bias, dropout, autocast", [(True, 0.0, False), (False, 0.3, False), (True, 0.3, True), (False, 0.0, True)])
-def test_written_out_lora_product_equals_autograd(bias, dropout, autocast):
-    """LoRALinear's own forward and backward (LoRAProduct) give what autograd gives for
-    W x + b + scale B A dropout(x), in fp32 and under bf16 autocast over a bf16 base."""
+@pytest.mark.parametrize("widths", [(40,), (40, 8, 8)])
+def test_written_out_lora_product_equals_autograd(bias, dropout, autocast, widths):
+    """LoRA layers' own forward and backward (LoRAProduct), for one layer and for layers that read
+    the same input (q, k, v), give what autograd gives for W x + b + scale B A dropout(x), in fp32
+    and under bf16 autocast over a bf16 base."""
     torch.manual_seed(0)
-    layer = lora.LoRALinear(nn.Linear(24, 40, bias=bias), lora.AdapterState(active="a"))
-    layer.add_adapter("a", rank=4, scale=0.5, dropout=dropout)
-    layer.base.requires_grad_(False)
-    with torch.no_grad():
-        layer.lora_B["a"].normal_()
-        if autocast:
-            layer.base.to(torch.bfloat16)
-    layer.train()
+    state = lora.AdapterState(active="a")
+    layers = [lora.LoRALinear(nn.Linear(24, width, bias=bias), state) for width in widths]
+    for i, layer in enumerate(layers):  # ranks and scales differ, so a mixed-up split shows
+        layer.add_adapter("a", rank=4 + i, scale=0.5 + i, dropout=dropout)
+        layer.base.requires_grad_(False)
+        with torch.no_grad():
+            layer.lora_B["a"].normal_()
+            if autocast:
+                layer.base.to(torch.bfloat16)
+        layer.train()
     x = torch.randn(2, 5, 24, requires_grad=True)
-    grad_out = torch.randn(2, 5, 40)
+    grad_outs = [torch.randn(2, 5, width) for width in widths]
 
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = layer(x)
-    assert type(out.grad_fn).__name__ == "LoRAProductBackward"  # the fast path, not autograd's graph
-    out.backward(grad_out)
+        outs = lora.shared_input_linears(x, *layers)
+    assert "LoRAProductBackward" in type(outs[0].grad_fn).__name__  # the fast path, not autograd's graph
+    if len(layers) > 1:  # one product for all of them; dropout draws a mask per layer, so one product each
+        assert (outs[0].grad_fn is outs[1].grad_fn) == (not dropout)
+    torch.autograd.backward(outs, grad_outs)
 
     x64 = x.detach().double().requires_grad_()
-    A64, B64 = (p.detach().double().requires_grad_() for p in (layer.lora_A["a"], layer.lora_B["a"]))
-    torch.manual_seed(1)  # the same dropout mask
-    mask = nn.functional.dropout(torch.ones_like(x), dropout, True) if dropout else torch.ones_like(x)
-    base64 = nn.functional.linear(x64, layer.base.weight.double(), None if layer.base.bias is None else layer.base.bias.double())
-    ref = base64 + ((x64 * mask.double()) @ A64.t() * 0.5) @ B64.t()
-    ref.backward(grad_out.double())
-
-    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
-    pairs = [(out, ref.detach()), (x.grad, x64.grad), (layer.lora_A["a"].grad, A64.grad), (layer.lora_B["a"].grad, B64.grad)]
-    assert all(ours.dtype == torch.float32 for ours, _ in pairs[1:])
+    torch.manual_seed(1)  # the same dropout masks
+    refs, lora64 = [], []
+    for layer in layers:
+        A64, B64 = (p.detach().double().requires_grad_() for p in (layer.lora_A["a"], layer.lora_B["a"]))
+        mask = nn.functional.dropout(torch.ones_like(x), dropout, True) if dropout else torch.ones_like(x)
+        bias64 = None if layer.base.bias is None else layer.base.bias.double()
+        lora_x = (x64 * mask.double()) @ A64.t() * layer.scale["a"]
+        refs.append(nn.functional.linear(x64, layer.base.weight.double(), bias64) + lora_x @ B64.t())
+        lora64 += [A64, B64]
+    torch.autograd.backward(refs, [g.double() for g in grad_outs])
+    pairs = [(x.grad, x64.grad)] + [(out.detach(), ref.detach()) for out, ref in zip(outs, refs)]
+    ours_lora = [p.grad for layer in layers for p in (layer.lora_A["a"], layer.lora_B["a"])]
+    pairs += list(zip(ours_lora, [p.grad for p in lora64]))
+    for layer, out in zip(layers, outs):
+        assert layer.base.weight.grad is None and out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert all(ours.dtype == torch.float32 for ours in [x.grad, *ours_lora])
     for ours, theirs in pairs:
         if autocast:  # bf16 keeps 8 significant bits: a relative error of a few 1e-3 over the whole tensor
             assert (ours.double() - theirs).norm() / theirs.norm() < 1e-2
         else:
             torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
-    assert layer.base.weight.grad is None

@@ -67,12 +67,18 @@ class LoRALinear(nn.Module):
         # The scale multiplies the rank-wide A x, not the output: measured 8% faster GPT-2 steps.
         return nn.functional.linear(nn.functional.linear(x, A.to(x.dtype)) * self.scale[name], B.to(x.dtype))
 
-    def forward(self, x):
+    def fast_adapter(self) -> str | None:
+        """The adapter LoRAProduct can run: the one adapter over the whole batch, on a frozen base."""
         routes = [(name, rows) for name, rows in self.state.routes() if name in self.lora_A and name != self.state.merged]
-        if len(routes) == 1 and routes[0][1] is None and not self.base.weight.requires_grad:
-            name = routes[0][0]
+        frozen = not self.base.weight.requires_grad and (self.base.bias is None or not self.base.bias.requires_grad)
+        return routes[0][0] if len(routes) == 1 and routes[0][1] is None and frozen else None
+
+    def forward(self, x):
+        name = self.fast_adapter()
+        if name is not None:
             dropped = nn.functional.dropout(x, self.dropout[name], self.training) if self.dropout[name] and self.training else None
-            return LoRAProduct.apply(x, dropped, self.base.weight, self.base.bias, self.lora_A[name], self.lora_B[name], self.scale[name])
+            base, A, B = self.base, self.lora_A[name], self.lora_B[name]
+            return LoRAProduct.apply(x, dropped, [self.scale[name]], base.weight, base.bias, A, B)[0]
         out = self.base(x)
         for name, rows in self.state.routes():
             if name not in self.lora_A or name == self.state.merged:
@@ -95,41 +101,70 @@ class LoRALinear(nn.Module):
 
 
 class LoRAProduct(torch.autograd.Function):
-    """x W^T + bias + scale (x A^T) B^T with a frozen W, forward and backward written out: about half
-    the kernels autograd runs for the same sum (no per-use graph nodes for casts and scaling, the sums
-    folded into the matrix products). `dropped`: the LoRA's input after dropout, None without it."""
+    """x W_i^T + b_i + s_i (x A_i^T) B_i^T for linear layers i that read the same x (q, k and v; gate
+    and up; or one layer), with W_i and b_i frozen; forward and backward written out. About half the
+    kernels autograd runs: no graph nodes per cast and scaling, the sums folded into the matrix
+    products, and the layers' A products run as one, x [s_1 A_1; s_2 A_2; ...]^T (and so do their
+    gradients). `dropped`: the LoRA's input after dropout (one layer only), None without dropout.
+    `params`: W, b, A, B of each layer in turn."""
 
     @staticmethod
-    def forward(ctx, x, dropped, weight, bias, A, B, scale):
+    def forward(ctx, x, dropped, scales, *params):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weights, biases, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             lora_x = x2 if dropped is None else dropped.reshape(x2.shape).to(dtype)
-            W, A_, B_ = weight.to(dtype), A.to(dtype), B.to(dtype)
-            out = x2 @ W.t() if bias is None else torch.addmm(bias.to(dtype), x2, W.t())
-            ax = (lora_x @ A_.t()).mul_(scale)
-            out.addmm_(ax, B_.t())
-        ctx.save_for_backward(lora_x, W, A_, B_, ax)
-        ctx.scale, ctx.x_dtype, ctx.has_dropout = scale, x.dtype, dropped is not None
-        return out.view(*x.shape[:-1], -1)
+            weights = [W.to(dtype) for W in weights]
+            Bs = [B.to(dtype) for B in Bs]
+            scaled_A = concat([(A * scale).to(dtype) for A, scale in zip(As, scales)])
+            ax = lora_x @ scaled_A.t()
+            ax_parts = ax.split([A.shape[0] for A in As], dim=1)
+            outs = []
+            for W, b, B, ax_part in zip(weights, biases, Bs, ax_parts):
+                out = x2 @ W.t() if b is None else torch.addmm(b.to(dtype), x2, W.t())
+                outs.append(out.addmm_(ax_part, B.t()).view(*x.shape[:-1], -1))
+        ctx.save_for_backward(lora_x, scaled_A, ax, *weights, *Bs)
+        ctx.scales, ctx.x_dtype, ctx.has_dropout = scales, x.dtype, dropped is not None
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        lora_x, W, A_, B_, ax = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(W.dtype)
-            grad_B = (g.t() @ ax).float()
-            grad_ax = (g @ B_).mul_(ctx.scale)
-            grad_A = (grad_ax.t() @ lora_x).float()
-            grad_x = g @ W
+    def backward(ctx, *grad_outs):
+        lora_x, scaled_A, ax, *saved = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, Bs = saved[:n], saved[n:]
+        ranks = [B.shape[1] for B in Bs]
+        with torch.autocast(lora_x.device.type, enabled=False):
+            grads = [g.reshape(-1, g.shape[-1]).to(lora_x.dtype) for g in grad_outs]
+            grad_Bs = [(g.t() @ ax_part).float() for g, ax_part in zip(grads, ax.split(ranks, dim=1))]
+            grad_ax = concat([g @ B for g, B in zip(grads, Bs)], dim=1)  # unscaled: the scales are in scaled_A
+            grad_As = [(part * scale).float() for part, scale in zip((grad_ax.t() @ lora_x).split(ranks), ctx.scales)]
+            grad_x = grads[0] @ weights[0]
+            for g, W in zip(grads[1:], weights[1:]):
+                grad_x.addmm_(g, W)
+            grad_dropped = None
             if ctx.has_dropout:
-                grad_dropped = (grad_ax @ A_).view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
+                grad_dropped = (grad_ax @ scaled_A).view(*grad_outs[0].shape[:-1], -1).to(ctx.x_dtype)
             else:
-                grad_x.addmm_(grad_ax, A_)
-                grad_dropped = None
-        grad_x = grad_x.view(*grad_out.shape[:-1], -1).to(ctx.x_dtype)
-        return grad_x, grad_dropped, None, None, grad_A, grad_B, None
+                grad_x.addmm_(grad_ax, scaled_A)
+        grad_x = grad_x.view(*grad_outs[0].shape[:-1], -1).to(ctx.x_dtype)
+        return grad_x, grad_dropped, None, *[g for grad_A, grad_B in zip(grad_As, grad_Bs) for g in (None, None, grad_A, grad_B)]
+
+
+def concat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def shared_input_linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], for layers that read the same x (q, k and v; gate and up). When
+    each is a LoRA layer running one adapter over the whole batch without dropout, one LoRAProduct
+    runs them all: their A products become one matrix product (SmolLM2 steps 4% faster, GPT-2 the same)."""
+    adapters = [layer.fast_adapter() if isinstance(layer, LoRALinear) else None for layer in layers]
+    if len(layers) == 1 or None in adapters or any(layer.dropout[name] for layer, name in zip(layers, adapters)):
+        return [layer(x) for layer in layers]
+    params = [t for layer, name in zip(layers, adapters) for t in (layer.base.weight, layer.base.bias, layer.lora_A[name], layer.lora_B[name])]
+    return list(LoRAProduct.apply(x, None, [layer.scale[name] for layer, name in zip(layers, adapters)], *params))
 
 
 class ModuleToSave(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..lora import shared_input_linears
 from .kv_cache import LayerCache, causal_attention
 
 
@@ -65,8 +66,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x, cache: LayerCache | None = None):
         b, t, d = x.shape
         q, k, v = (
-            proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.W_query, self.W_key, self.W_value)
+            y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            for y in shared_input_linears(x, self.W_query, self.W_key, self.W_value)
         )
         if cache is not None:
             k, v = cache.append(k, v)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..lora import shared_input_linears
 from .kv_cache import LayerCache, causal_attention
 
 
@@ -55,9 +56,10 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: LayerCache | None = None):
         b, t, _ = x.shape
-        q = self.W_query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.W_value(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input_linears(x, self.W_query, self.W_key, self.W_value)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
@@ -73,7 +75,8 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
 
     def forward(self, x):
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        gate, up = shared_input_linears(x, self.gate, self.up)
+        return self.down(nn.functional.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
