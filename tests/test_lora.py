@@ -280,11 +280,31 @@ def test_written_out_lora_product_equals_autograd(bias, dropout, autocast, width
     pairs = [(x.grad, x64.grad)] + [(out.detach(), ref.detach()) for out, ref in zip(outs, refs)]
     ours_lora = [p.grad for layer in layers for p in (layer.lora_A["a"], layer.lora_B["a"])]
     pairs += list(zip(ours_lora, [p.grad for p in lora64]))
-    for layer, out in zip(layers, outs):
-        assert layer.base.weight.grad is None and out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert all(out.dtype == (torch.bfloat16 if autocast else torch.float32) for out in outs)
     assert all(ours.dtype == torch.float32 for ours in [x.grad, *ours_lora])
     for ours, theirs in pairs:
         if autocast:  # bf16 keeps 8 significant bits: a relative error of a few 1e-3 over the whole tensor
             assert (ours.double() - theirs).norm() / theirs.norm() < 1e-2
         else:
             torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_base_or_a_plain_layer_takes_autograds_path():
+    """LoRAProduct gives no gradient to W and b: a base being trained must not take it, and a plain
+    nn.Linear beside LoRA layers (targets "q v") is run by itself."""
+    torch.manual_seed(0)
+    state = lora.AdapterState(active="a")
+    q, k = lora.LoRALinear(nn.Linear(8, 8), state), nn.Linear(8, 8)
+    q.add_adapter("a", rank=2, scale=1.0)
+    q.base.requires_grad_(False)
+    x = torch.randn(3, 8)
+    out_q, out_k = lora.shared_input_linears(x, q, k)
+    assert out_q.grad_fn is not out_k.grad_fn
+    assert "LoRAProduct" in type(out_q.grad_fn).__name__  # the base is not trained here
+    out_q.sum().backward()
+    assert q.base.weight.grad is None and q.lora_A["a"].grad is not None
+    q.base.requires_grad_(True)  # now train the base too
+    out = q(x)
+    assert "LoRAProduct" not in type(out.grad_fn).__name__
+    out.sum().backward()
+    assert q.base.weight.grad is not None and q.base.bias.grad is not None

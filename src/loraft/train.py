@@ -219,6 +219,8 @@ class Trainer:
             for n, p in self.params.items():
                 p.copy_(ckpt["params"][n])
         self.best_weights = ckpt["best_weights"]
+        for group in ckpt["optimizer"]["param_groups"]:  # loading would keep an earlier loraft's unfused AdamW
+            group["fused"] = True
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])

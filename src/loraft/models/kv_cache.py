@@ -86,6 +86,11 @@ def softmax_dtype(x: torch.Tensor) -> torch.dtype:
 
 def sdpa(q, k, v, dropout_p: float):
     n_queries, n_keys = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1] and q.device.type != "cpu":
+        # CUDA runs grouped queries in its flash kernel only (not in fp32, nor before Ampere GPUs):
+        # repeated keys and values keep the memory-efficient kernel for those.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     gqa = q.shape[1] != k.shape[1]
     if n_queries == 1:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
