@@ -38,11 +38,48 @@ def small_sms_tsv(tmp_path_factory):
     return path
 
 
+
+@pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager():
+    from torch._dynamo.utils import counters
+
+    from loraft.lora import apply_lora
+    from loraft.models import llama
+    from loraft.train import compile_blocks, uncompile_blocks
+
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=3, hidden_dim=96))
+    apply_lora(model, rank=4)
+    for name, param in model.named_parameters():  # B starts at zero: give A a gradient too
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+
+    def gradients(input_ids):
+        model.zero_grad()
+        model(input_ids).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    batches = [torch.randint(0, 300, shape) for shape in ((2, 5), (2, 9), (3, 7))]  # lengths and batch sizes vary
+    eager = [gradients(ids) for ids in batches]
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    compile_blocks(model)
+    assert "forward" not in vars(model.trf_blocks[0])
+    compiled = [gradients(ids) for ids in batches]
+    with torch.no_grad():
+        model(batches[0])
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    for eager_grads, compiled_grads in zip(eager, compiled):
+        for e, c in zip(eager_grads, compiled_grads):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+    uncompile_blocks(model)
+    assert all("forward" not in vars(block) for block in model.trf_blocks)
+
 def train_args(weights, data, out, *extra, compile=False):
     return [
         "train", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
         "--epochs", "40", "--eval-every", "4", "--lr", "1e-3", "--rank", "4", "--quiet", *extra,
-    ] + ["--no-compile"] * (not compile)  # fmt: skip
+    ] + ["--compile" if compile else "--no-compile"]  # fmt: skip
 
 
 @pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
