@@ -64,3 +64,19 @@ def test_corrupt_gguf(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF" + b"\xff" * 64)
     assert_clear_error(loraft("generate", "--model", str(path), "--prompt", "x"), "GGUF")
+
+
+def test_compiling_by_default_only_where_it_pays(smollm2_gguf):
+    """Llama blocks on a CPU (their elementwise chains fuse), not GPT-2's (one kernel each already);
+    --compile and --no-compile decide."""
+    from loraft.cli import parser, train_options
+    from loraft.train import compiler_found
+
+    def compiles(*flags):
+        return train_options(parser().parse_args(["train", "--device", "cpu", *flags]))["train"].compile
+
+    assert compiles("--model", "smollm2-135m") == compiler_found()
+    assert compiles("--model", str(smollm2_gguf)) == compiler_found()
+    assert not compiles("--model", "gpt2-small")
+    assert compiles("--model", "gpt2-small", "--compile")
+    assert not compiles("--model", "smollm2-135m", "--no-compile")

@@ -107,11 +107,17 @@ def cmd_info(args):
 
 
 def train_options(args) -> dict:
+    from .models import architecture_named
     from .train import TrainConfig, compiler_found, pick_device
 
-    # Compiling pays on a CPU (steps ~1.5x faster); on an H100 the default spam job trained in 150 s
-    # compiled against 86 s eager: its small batches wait on kernel launches, not arithmetic.
-    compile = not args.no_compile and pick_device(args.device).type == "cpu" and compiler_found()
+    # By default loraft compiles where it pays: Llama blocks on a CPU, whose RMSNorm, RoPE and SwiGLU
+    # run eager as chains of small kernels (steady-state steps 1.14x faster, benchmarks/speed_ablation.py);
+    # not GPT-2's, whose layer norm and GELU are one kernel each already (1.03x, less than its ~30 s of
+    # compiling gives back in a typical job); nor on an H100, where the default spam job trained in
+    # 150 s compiled against 86 s eager: its small batches wait on kernel launches, not arithmetic.
+    compile = args.compile
+    if compile is None:
+        compile = pick_device(args.device).type == "cpu" and compiler_found() and architecture_named(args.model) == "llama"
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
@@ -378,7 +384,10 @@ def add_train_flags(parser):
     parser.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default auto: a CUDA GPU when PyTorch finds one)")
     parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
-    parser.add_argument("--no-compile", action="store_true", help="train eager (default on a CPU: torch.compile the blocks where a C++ compiler is found)")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the transformer blocks (default: for Llama models on a CPU, where a C++ compiler is found); --no-compile: train eager",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")

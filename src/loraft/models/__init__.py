@@ -45,6 +45,12 @@ def architecture_of(model: nn.Module) -> str:
     return "gpt2" if isinstance(model, gpt2.GPTModel) else "llama"
 
 
+def architecture_named(name_or_path: str) -> str:
+    """The architecture `load_model(name_or_path)` builds."""
+    target = resolve(name_or_path)
+    return "llama" if isinstance(target, Path) else target.architecture
+
+
 def lora_target_groups(model: nn.Module) -> dict[str, list[str]]:
     return ARCHITECTURES[architecture_of(model)].LORA_TARGETS
 
@@ -87,7 +93,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, weights_path: str | None = Non
 
     `model.name` records what was loaded (adapters remember their base by it)."""
     target = resolve(name_or_path)
-    if isinstance(target, Path) or target.architecture == "llama":
+    if architecture_named(name_or_path) == "llama":
         model, tokenizer = load_gguf(target if isinstance(target, Path) else weights.smollm2_gguf(), dtype)
     else:
         model, tokenizer = load_gpt2(target, weights_path, dtype)
