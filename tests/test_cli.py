@@ -66,17 +66,21 @@ def test_corrupt_gguf(tmp_path):
     assert_clear_error(loraft("generate", "--model", str(path), "--prompt", "x"), "GGUF")
 
 
-def test_compiling_by_default_only_where_it_pays(smollm2_gguf):
+def test_compiling_by_default_only_where_it_pays(tmp_path, monkeypatch):
     """Llama blocks on a CPU (their elementwise chains fuse), not GPT-2's (one kernel each already);
     --compile and --no-compile decide."""
+    from loraft import train
     from loraft.cli import parser, train_options
-    from loraft.train import compiler_found
 
     def compiles(*flags):
         return train_options(parser().parse_args(["train", "--device", "cpu", *flags]))["train"].compile
 
-    assert compiles("--model", "smollm2-135m") == compiler_found()
-    assert compiles("--model", str(smollm2_gguf)) == compiler_found()
+    a_gguf = tmp_path / "model.gguf"
+    a_gguf.write_bytes(b"")
+    monkeypatch.setattr(train, "compiler_found", lambda: True)
+    assert compiles("--model", "smollm2-135m") and compiles("--model", str(a_gguf))
     assert not compiles("--model", "gpt2-small")
     assert compiles("--model", "gpt2-small", "--compile")
     assert not compiles("--model", "smollm2-135m", "--no-compile")
+    monkeypatch.setattr(train, "compiler_found", lambda: False)
+    assert not compiles("--model", "smollm2-135m")

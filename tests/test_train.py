@@ -1,4 +1,4 @@
-"""The training job end to end through the CLI, on a tiny random GPT-2 (fast) and real SMS data."""
+"""The training job end to end through the CLI, on a tiny random GPT-2 (fast) and real SMS data; and\nthe loop's compiled blocks, on a tiny random Llama."""
 
 import json
 import os
@@ -38,7 +38,6 @@ def small_sms_tsv(tmp_path_factory):
     return path
 
 
-
 @pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager():
     from torch._dynamo.utils import counters
@@ -47,12 +46,16 @@ def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager
     from loraft.models import llama
     from loraft.train import compile_blocks, uncompile_blocks
 
-    torch.manual_seed(0)
-    model = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=3, hidden_dim=96))
-    apply_lora(model, rank=4)
-    for name, param in model.named_parameters():  # B starts at zero: give A a gradient too
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.1)
+    def lora_llama(alpha):
+        torch.manual_seed(0)
+        model = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=3, hidden_dim=96))
+        apply_lora(model, rank=4, alpha=alpha)
+        for name, param in model.named_parameters():  # B starts at zero: give A a gradient too
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        return model
+
+    model = lora_llama(alpha=16)
 
     def gradients(input_ids):
         model.zero_grad()
@@ -72,8 +75,17 @@ def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager
     for eager_grads, compiled_grads in zip(eager, compiled):
         for e, c in zip(eager_grads, compiled_grads):
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+    model.gradient_checkpointing = True  # the blocks run (and rerun) inside torch.utils.checkpoint
+    for e, c in zip(eager[0], gradients(batches[0])):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     uncompile_blocks(model)
     assert all("forward" not in vars(block) for block in model.trf_blocks)
+    model = lora_llama(alpha=64)  # a sweep's next setting: another LoRA scale, the same graph
+    compile_blocks(model)
+    gradients(batches[0])
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
 
 def train_args(weights, data, out, *extra, compile=False):
     return [
@@ -84,7 +96,7 @@ def train_args(weights, data, out, *extra, compile=False):
 
 @pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights, small_sms_tsv):
-    """torch.compile (the CLI's default where a C++ compiler is found) changes the speed, not the result."""
+    """--compile changes the speed, not the result."""
     for name, compile in (("eager", False), ("compiled", True)):
         result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / name, "--epochs", "3", "--no-bf16", compile=compile))
         assert result.returncode == 0, result.stderr
@@ -162,6 +174,9 @@ def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_w
 
     run = tmp_path / "run"
     assert loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1")).returncode == 0
+    if compiler_found():  # compiling or not may change on resuming: it changes no result
+        resumed = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--resume", compile=True))
+        assert resumed.returncode == 0, resumed.stderr
     assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--alpha", "64", "--resume")), "'alpha': (16.0, 64.0)")
 
 

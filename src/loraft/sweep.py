@@ -12,7 +12,7 @@ from pathlib import Path
 from . import distributed
 from .errors import LoraftError
 from .finetune import train_classifier
-from .train import TrainConfig
+from .train import TrainConfig, result_settings
 from .weights import atomic_write, read_json, write_json
 
 COLUMNS = ("rank", "alpha", "test_accuracy", "val_accuracy", "trainable_parameters", "adapter_bytes", "wall_seconds")
@@ -38,8 +38,8 @@ def check_sweep_folder(out: Path, settings: dict, overwrite: bool):
     if earlier.is_file() and overwrite:
         shutil.rmtree(out)
     elif earlier.is_file():
-        was = read_json(earlier)
-        changed = {k: (was.get(k), v) for k, v in settings.items() if was.get(k) != v}
+        was, now = result_settings(read_json(earlier)), result_settings(settings)
+        changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
         if changed:
             raise LoraftError(f"{out} holds a sweep with other settings: {changed} (was, now); start over with --overwrite")
 

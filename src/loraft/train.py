@@ -142,33 +142,37 @@ def compiler_found() -> bool:
 
 
 def compile_blocks(model: nn.Module):
-    """torch.compile the transformer blocks for training: one compiled graph for all of them, with
-    dynamic shapes since every batch has its own length. Left eager, as each would compile a graph of
-    its own: block 0, whose input (the frozen embedding) needs no gradient (~9 s of compiling for 1/30
-    of the work), and every pass without gradients, evaluation's (~7 s of compiling, ~0.3 s saved per
-    evaluation of the 149 validation SMS)."""
+    """torch.compile the transformer blocks for training: with LoRA, one compiled graph serves them
+    all, with dynamic shapes since every batch has its own length, and with the LoRA scales as
+    symbols, so that a sweep over alphas in one process compiles once (a second trace, ~4 s, the first
+    time). Left eager, as each would compile a graph of its own: block 0, whose input (the frozen
+    embedding) needs no gradient (~9 s of compiling for 1/30 of the work), and every pass without
+    gradients, evaluation's (~7 s of compiling, ~0.3 s saved per evaluation of the 149 validation SMS)."""
     for block in model.trf_blocks[1:]:
         block.forward = compiled_for_training(block.forward)
 
 
 def compiled_for_training(forward):
+    """`forward`, compiled where gradients are on, eager where they are off."""
     compiled = torch.compile(forward, dynamic=True)
 
-    def run(*args):
-        if not torch.is_grad_enabled():
-            return forward(*args)
-        # Python floats (norm eps, LoRA scales and dropout) as constants: as symbols, which dynamic=True
-        # makes of them, they send the compiler back to trace the block a second time (~4 s).
-        with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args)
+    def run(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else forward)(*args, **kwargs)
 
     return run
 
 
 def uncompile_blocks(model: nn.Module):
-    """Back to eager blocks: generating with a cache, say, would compile anew."""
+    """Back to eager blocks once training ends: a later pass with gradients (on a merged model, say)
+    would otherwise compile a graph of its own."""
     for block in model.trf_blocks:
         block.__dict__.pop("forward", None)
+
+
+def result_settings(settings: dict) -> dict:
+    """The settings a run must keep to be continued: all but `compile`, which changes the speed and
+    the rounding, not what is trained (tested)."""
+    return {k: v for k, v in settings.items() if k != "compile"}
 
 
 class Trainer:
@@ -227,8 +231,9 @@ class Trainer:
             ckpt = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)  # copied to the device below
         except Exception as e:
             raise LoraftError(f"--resume: {self.checkpoint_file} is unreadable ({type(e).__name__})") from None
-        if ckpt["config"] != asdict(self.cfg):
-            changed = {k: (ckpt["config"][k], v) for k, v in asdict(self.cfg).items() if ckpt["config"].get(k) != v}
+        was, now = result_settings(ckpt["config"]), result_settings(asdict(self.cfg))
+        if was != now:
+            changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
             raise LoraftError(f"--resume: the run in {self.out} used other settings: {changed} (was, now)")
         if set(ckpt["params"]) != set(self.params):
             raise LoraftError(f"--resume: the checkpoint in {self.out} trains other parameters than this model")
