@@ -1,4 +1,5 @@
-"""The training job end to end through the CLI, on a tiny random GPT-2 (fast) and real SMS data; and\nthe loop's compiled blocks, on a tiny random Llama."""
+"""The training job end to end through the CLI, on a tiny random GPT-2 (fast) and real SMS data; and
+the loop's compiled blocks, on a tiny random Llama."""
 
 import json
 import os

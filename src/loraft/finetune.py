@@ -18,7 +18,7 @@ from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
-from .train import Trainer, TrainConfig, check_config, pick_device, result_settings
+from .train import Trainer, TrainConfig, changed_settings, check_config, pick_device
 from .weights import read_json, write_json
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
@@ -88,9 +88,7 @@ def check_out_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
             raise LoraftError(f"--resume: no checkpoint in {out}")
         earlier = read_json(out / "config.json")
-        was = {**earlier, "train": result_settings(earlier.get("train", {}))}
-        now = {**config, "train": result_settings(config["train"])}
-        changed = {k: (was.get(k), v) for k, v in now.items() if k not in ("resume", "overwrite", "quiet") and was.get(k) != v}
+        changed = {k: v for k, v in changed_settings(earlier, config).items() if k not in ("resume", "overwrite", "quiet")}
         if changed:
             raise LoraftError(f"--resume: the run in {out} used other settings: {changed} (was, now)")
         return

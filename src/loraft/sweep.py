@@ -12,7 +12,7 @@ from pathlib import Path
 from . import distributed
 from .errors import LoraftError
 from .finetune import train_classifier
-from .train import TrainConfig, result_settings
+from .train import TrainConfig, changed_settings
 from .weights import atomic_write, read_json, write_json
 
 COLUMNS = ("rank", "alpha", "test_accuracy", "val_accuracy", "trainable_parameters", "adapter_bytes", "wall_seconds")
@@ -38,8 +38,7 @@ def check_sweep_folder(out: Path, settings: dict, overwrite: bool):
     if earlier.is_file() and overwrite:
         shutil.rmtree(out)
     elif earlier.is_file():
-        was, now = result_settings(read_json(earlier)), result_settings(settings)
-        changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+        changed = changed_settings(read_json(earlier), settings)
         if changed:
             raise LoraftError(f"{out} holds a sweep with other settings: {changed} (was, now); start over with --overwrite")
 

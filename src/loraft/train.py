@@ -169,10 +169,15 @@ def uncompile_blocks(model: nn.Module):
         block.__dict__.pop("forward", None)
 
 
+def changed_settings(was: dict, now: dict) -> dict:
+    """{setting: (was, now)} for each setting a continued run changes, leaving out `compile` (in nested
+    settings too), which changes the speed and the rounding, not what is trained (tested)."""
+    was, now = result_settings(was), result_settings(now)
+    return {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+
+
 def result_settings(settings: dict) -> dict:
-    """The settings a run must keep to be continued: all but `compile`, which changes the speed and
-    the rounding, not what is trained (tested)."""
-    return {k: v for k, v in settings.items() if k != "compile"}
+    return {k: result_settings(v) if isinstance(v, dict) else v for k, v in settings.items() if k != "compile"}
 
 
 class Trainer:
@@ -231,9 +236,8 @@ class Trainer:
             ckpt = torch.load(self.checkpoint_file, map_location="cpu", weights_only=True)  # copied to the device below
         except Exception as e:
             raise LoraftError(f"--resume: {self.checkpoint_file} is unreadable ({type(e).__name__})") from None
-        was, now = result_settings(ckpt["config"]), result_settings(asdict(self.cfg))
-        if was != now:
-            changed = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+        changed = changed_settings(ckpt["config"], asdict(self.cfg))
+        if changed:
             raise LoraftError(f"--resume: the run in {self.out} used other settings: {changed} (was, now)")
         if set(ckpt["params"]) != set(self.params):
             raise LoraftError(f"--resume: the checkpoint in {self.out} trains other parameters than this model")

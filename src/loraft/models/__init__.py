@@ -93,7 +93,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, weights_path: str | None = Non
 
     `model.name` records what was loaded (adapters remember their base by it)."""
     target = resolve(name_or_path)
-    if isinstance(target, Path) or target.architecture == "llama":
+    if architecture_named(name_or_path) == "llama":
         model, tokenizer = load_gguf(target if isinstance(target, Path) else weights.smollm2_gguf(), dtype)
     else:
         model, tokenizer = load_gpt2(target, weights_path, dtype)
