@@ -98,6 +98,8 @@ def check_config(cfg: TrainConfig):
         raise LoraftError("--lr must be positive")
     if cfg.weight_decay < 0 or cfg.clip < 0 or not 0 <= cfg.warmup < 1:
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
+    if cfg.compile and not compiler_found():
+        raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
 
 
 def pick_device(name: str) -> torch.device:
@@ -191,8 +193,6 @@ class Trainer:
             raise LoraftError("nothing to train: no parameter requires a gradient")
         self.device = model_device(model)
         model.gradient_checkpointing = cfg.gradient_checkpointing  # read by the models' block loops
-        if cfg.compile and not compiler_found():
-            raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
         self.is_main, self.world = distributed.is_main(), distributed.world_size()
         self.task_loss = TaskLoss(model, task)
         if self.world > 1:  # synchronises the parameters that require a gradient, and only those
