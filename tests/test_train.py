@@ -181,7 +181,6 @@ def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_w
     assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--alpha", "64", "--resume")), "'alpha': (16.0, 64.0)")
 
 
-
 def test_compile_without_a_compiler_fails_before_writing(tmp_path, monkeypatch, small_sms_tsv):
     from loraft import train
     from loraft.errors import LoraftError
@@ -191,6 +190,7 @@ def test_compile_without_a_compiler_fails_before_writing(tmp_path, monkeypatch, 
     with pytest.raises(LoraftError, match="--compile needs a C\\+\\+ compiler"):
         train_classifier(out=tmp_path / "run", data=str(small_sms_tsv), train=train.TrainConfig(compile=True, device="cpu"))
     assert not (tmp_path / "run").exists()
+
 
 @pytest.mark.parametrize(
     "name,content,message",
