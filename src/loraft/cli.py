@@ -154,16 +154,17 @@ def cmd_eval(args):
 
 
 def read_texts(args) -> list[str]:
-    from .data.classification import read_text_file
+    """The texts to classify: lines of --input FILE or of standard input (-), else the arguments."""
+    from .data.classification import decode_utf8, read_text_file
+    from .tokenizer import check_texts
 
     if args.input:
         return [line for line in read_text_file(args.input).splitlines() if line.strip()]
     if args.texts == ["-"]:
-        try:
-            return [line for line in sys.stdin.read().splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise LoraftError("standard input is not UTF-8 text") from None
-    return args.texts
+        # The bytes, decoded strictly: sys.stdin's own decoding lets bytes that are not UTF-8 through as surrogates.
+        text = decode_utf8(sys.stdin.buffer.read(), "standard input", "give UTF-8 text")
+        return [line for line in text.splitlines() if line.strip()]
+    return check_texts(args.texts)  # argv holds a byte that is not UTF-8 as a lone surrogate
 
 
 def cmd_classify(args):

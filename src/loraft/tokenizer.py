@@ -8,6 +8,23 @@ from .errors import LoraftError
 from .weights import data_dir
 
 
+def check_unicode(text: str, where: str = "the text"):
+    """Refuse a lone surrogate: it is not Unicode text (tiktoken would silently replace it, `tokenizers`
+    fails with a TypeError). Python turns each byte of argv that is not UTF-8 into one (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f", often a byte 0x{code - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= code <= 0xDCFF else ""
+        raise LoraftError(f"{where}, character {e.start + 1}: not valid Unicode (the lone surrogate U+{code:04X}{byte}); give UTF-8 text") from None
+
+
+def check_texts(texts: list[str]) -> list[str]:
+    for number, text in enumerate(texts, 1):
+        check_unicode(text, f"text {number}")
+    return texts
+
+
 class GPT2Tokenizer:
     name = "gpt2"
     chat_template = None
@@ -19,10 +36,11 @@ class GPT2Tokenizer:
 
     # Special tokens written in the text (<|endoftext|>) are read as such, as in `tokenizers`.
     def encode(self, text: str) -> list[int]:
+        check_unicode(text)
         return self.encoding.encode(text, allowed_special="all")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_batch(texts, allowed_special="all")
+        return self.encoding.encode_batch(check_texts(texts), allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
@@ -91,10 +109,11 @@ class GGUFTokenizer:
         self.chat_template = meta.get("tokenizer.chat_template")
 
     def encode(self, text: str) -> list[int]:
+        check_unicode(text)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tokenizer.encode_batch(check_texts(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

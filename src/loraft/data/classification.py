@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraftError
+from ..tokenizer import check_unicode
 
 
 @dataclass
@@ -39,12 +40,47 @@ def read_text_file(path: Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise LoraftError(f"data file not found: {path}")
-    raw = path.read_bytes()
+    return decode_utf8(path.read_bytes(), str(path), "save the file as UTF-8")
+
+
+def decode_utf8(raw: bytes, where: str, advice: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise LoraftError(f"{path} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+        raise LoraftError(f"{where} line {line}: byte 0x{raw[e.start]:02x} is not UTF-8; {advice}") from None
+
+
+class JSONObject(dict):
+    repeated = None  # the first key given twice: json.loads would keep the last value silently
+
+
+def json_object(pairs) -> JSONObject:
+    obj = JSONObject()
+    for key, value in pairs:
+        if key in obj and obj.repeated is None:
+            obj.repeated = key
+        obj[key] = value
+    return obj
+
+
+def parse_json(text: str, path, line: int | None = None):
+    """json.loads of a whole file or of its `line`, every failure a LoraftError (objects know a repeated key)."""
+    where = f"{path} line {line}:" if line else f"{path} is"
+    try:
+        return json.loads(text, object_pairs_hook=json_object)
+    except json.JSONDecodeError as e:
+        detail = e.msg if line else f"line {e.lineno}: {e.msg}"
+        raise LoraftError(f"{where} not valid JSON ({detail})") from None
+    except RecursionError:
+        raise LoraftError(f"{where} not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of over 4300 digits (the rest of the message is advice for Python code)
+        raise LoraftError(f"{where} not valid JSON ({str(e).split(':')[0]})") from None
+
+
+def check_keys_unique(row, where: str):
+    if isinstance(row, JSONObject) and row.repeated is not None:
+        raise LoraftError(f"{where}: the key {row.repeated!r} is given twice in one object; keep one")
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -56,20 +92,21 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         for number, line in enumerate(text.split("\n"), 1):  # JSON strings may hold other line breaks
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoraftError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            row = parse_json(line, path, number)
             if not isinstance(row, dict):
                 raise LoraftError(f"{path} line {number}: expected a JSON object per line")
+            check_keys_unique(row, f"{path} line {number}")
             rows.append((number, row))
         return rows
     if suffix not in (".csv", ".tsv", ".tab", ".txt"):
         raise LoraftError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
     delimiter = "," if suffix == ".csv" else "\t"
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # quoted fields keep their newlines
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # the default (128 KiB) would call a long text malformed
     try:
         header = next(reader)
+        check_header(path, header, delimiter)
         rows = []
         for values in reader:
             if not any(v.strip() for v in values):
@@ -84,7 +121,24 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
         raise LoraftError(f"{path} line {reader.line_num}: malformed {suffix[1:].upper()} ({e})") from None
     except StopIteration:
         raise LoraftError(f"{path} is empty") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
+
+
+def check_header(path, header: list[str], delimiter: str):
+    """Refuse a header that would pick a column silently: a name twice (or twice but for spaces around
+    it; a dict of the row keeps the last), or a single column holding the other separator."""
+    other, format = ("\t", "tab-separated: name it .tsv") if delimiter == "," else (",", "comma-separated: name it .csv")
+    if len(header) == 1 and other in header[0]:
+        raise LoraftError(f"{path}: the header {header[0]!r} is one column; it looks {format}")
+    columns = {}
+    for number, name in enumerate(header, 1):
+        if name.strip():  # unnamed columns (a spreadsheet's trailing separators) are never chosen
+            columns.setdefault(name.strip(), []).append(f"{name!r} (column {number})")
+    repeated = [" and ".join(names) for names in columns.values() if len(names) > 1]
+    if repeated:
+        raise LoraftError(f"{path}: duplicate column names {'; '.join(repeated)}; give each column its own name")
 
 
 def read_labelled_texts(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
@@ -98,13 +152,24 @@ def read_labelled_texts(path: Path, text_column: str, label_column: str) -> tupl
     texts, labels = [], []
     for number, row in rows:
         text, label = row.get(text_column), row.get(label_column)
-        if not isinstance(text, str) or not text.strip():
+        if text is not None and not isinstance(text, str):
+            raise LoraftError(f"{path} line {number}: the text must be a string, not {json_type(text)}")
+        if not text or not text.strip():
             raise LoraftError(f"{path} line {number}: the text is empty")
+        if isinstance(label, (list, dict)):
+            raise LoraftError(f"{path} line {number}: the label must be text or a number, not {json_type(label)}")
         if label is None or str(label).strip() == "":
             raise LoraftError(f"{path} line {number}: the label is empty")
+        label = str(label).strip()
+        check_unicode(text, f"{path} line {number}: the text")  # JSON's \ud800 escapes; CSV/TSV are checked UTF-8
+        check_unicode(label, f"{path} line {number}: the label")
         texts.append(text)
-        labels.append(str(label).strip())
+        labels.append(label)
     return texts, labels
+
+
+def json_type(value) -> str:
+    return "null" if value is None else "dict" if isinstance(value, dict) else type(value).__name__
 
 
 def encode_labels(path, raw: list[str], label_names: list[str]) -> list[int]:
@@ -136,9 +201,7 @@ def load_classification_data(
     if len(label_names) < 2:
         raise LoraftError(f"{path} has a single class ({label_names[0]!r}): a classifier needs at least two")
     whole = Split(texts, encode_labels(path, raw, label_names))
-    train, val, test = split_by_fractions(
-        whole, (0.0 if val_file else fractions[0], 0.0 if test_file else fractions[1]), seed
-    )
+    train, val, test = split_by_fractions(whole, (0.0 if val_file else fractions[0], 0.0 if test_file else fractions[1]), seed)
     extra = {}
     for name, file in (("val", val_file), ("test", test_file)):
         if file:

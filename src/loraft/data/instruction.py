@@ -2,7 +2,6 @@
 user's file, the 85/10/5 split, the prompt templates, and batches whose labels mark the tokens the
 loss counts."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import numpy as np
 import torch
 
 from ..errors import LoraftError
+from ..tokenizer import check_unicode
 from ..weights import cache_dir, data_dir, download_checked
-from .classification import check_no_split_empty, read_rows, read_text_file
+from .classification import check_keys_unique, check_no_split_empty, json_type, parse_json, read_rows, read_text_file
 
 BOOK_DATA = "instruction-data"  # --data name of the book's file
 URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
@@ -68,10 +68,7 @@ def read_examples(path) -> list[Example]:
     if path.suffix.lower() == ".jsonl":
         rows = read_rows(path)
     else:
-        try:
-            rows = json.loads(read_text_file(path))
-        except json.JSONDecodeError as e:
-            raise LoraftError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); expected a list of Alpaca examples") from None
+        rows = parse_json(read_text_file(path), path)
         if not isinstance(rows, list):
             raise LoraftError(f"{path}: expected a JSON list of objects with {', '.join(KEYS)}")
         rows = list(enumerate(rows, 1))
@@ -82,13 +79,15 @@ def read_examples(path) -> list[Example]:
     for number, row in rows:
         if not isinstance(row, dict):
             raise LoraftError(f"{path} {where} {number}: expected an object with {', '.join(KEYS)}")
+        check_keys_unique(row, f"{path} {where} {number}")
         missing = [key for key in ("instruction", "output") if key not in row]
         if missing:
             raise LoraftError(f"{path} {where} {number}: missing {' and '.join(repr(k) for k in missing)} (keys: {', '.join(row) or 'none'})")
         values = {key: row.get(key, "") for key in KEYS}
         for key, value in values.items():
             if not isinstance(value, str):
-                raise LoraftError(f"{path} {where} {number}: {key!r} must be text, not {type(value).__name__}")
+                raise LoraftError(f"{path} {where} {number}: {key!r} must be text, not {json_type(value)}")
+            check_unicode(value, f"{path} {where} {number}: the {key}")  # JSON's \ud800 escapes
         for key in ("instruction", "output"):
             if not values[key].strip():
                 raise LoraftError(f"{path} {where} {number}: the {key} is empty")

@@ -39,13 +39,15 @@ def read_sms_spam(path: Path) -> tuple[list[str], list[int]]:
     read_csv) merges lines that contain a double quote and reads 5,572 of the 5,574 messages."""
     texts, labels = [], []
     for number, line in enumerate(read_text_file(path).split("\n"), 1):
-        if not line:
+        if not line.strip():
             continue
         label, sep, text = line.partition("\t")
         if not sep or label not in LABEL_NAMES:
             raise LoraftError(f"{path} line {number}: expected 'ham' or 'spam', a tab, then the message")
         texts.append(text)
         labels.append(LABEL_NAMES.index(label))
+    if not texts:
+        raise LoraftError(f"{path} holds no messages")
     return texts, labels
 
 
@@ -54,6 +56,8 @@ def book_split(texts: list[str], labels: list[int]) -> ClassificationData:
     then 70% / 10% / 20%. (pandas' `sample(random_state=123)` is numpy's RandomState(123).choice.)"""
     labels_arr = np.array(labels)
     ham, spam = np.flatnonzero(labels_arr == 0), np.flatnonzero(labels_arr == 1)
+    if len(ham) < len(spam):  # numpy's choice would fail: "Cannot take a larger sample than population"
+        raise LoraftError(f"the SMS data has {len(ham)} ham and {len(spam)} spam messages: the book's balanced split needs as many ham as spam at least")
     balanced = np.concatenate([ham[np.random.RandomState(123).choice(len(ham), len(spam), replace=False)], spam])
     order = balanced[np.random.RandomState(123).choice(len(balanced), len(balanced), replace=False)]
     whole = Split([texts[i] for i in order], [labels[i] for i in order])
@@ -67,4 +71,10 @@ def book_split(texts: list[str], labels: list[int]) -> ClassificationData:
 
 
 def load_sms_spam(data_file: str | None = None) -> ClassificationData:
-    return book_split(*read_sms_spam(sms_spam_file(data_file)))
+    path = sms_spam_file(data_file)
+    data = book_split(*read_sms_spam(path))
+    empty = [name for name, size in data.sizes().items() if size == 0]
+    if empty:
+        total = sum(data.sizes().values())
+        raise LoraftError(f"{path}: {total} balanced messages leave the {' and '.join(empty)} split empty; give more spam (10 at least)")
+    return data

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LoraftError
+from ..tokenizer import check_unicode
 from .batching import Classify, Generate, MicroBatcher
 from .registry import Served, ServedAdapter
 
@@ -123,6 +124,7 @@ def create_app(served: Served, limits: Limits = Limits(), window_ms: float = 5.0
         return adapter
 
     def check_text(where: str, text: str):
+        check_unicode(text, where)  # JSON's "\ud800" escapes parse; the tokenizer would fail the whole batch
         if not text.strip():
             raise HTTPException(422, f"{where} is empty")
         if len(text) > limits.max_text_chars:
@@ -151,6 +153,7 @@ def create_app(served: Served, limits: Limits = Limits(), window_ms: float = 5.0
         """The response of an instruction adapter, greedy, in the adapter's prompt template."""
         adapter = adapter_for(body.adapter, "instruction")
         check_text("instruction", body.instruction)
+        check_unicode(body.input, "input")
         if len(body.input) > limits.max_text_chars:
             raise HTTPException(422, f"input has {len(body.input)} characters; the limit is {limits.max_text_chars}")
         if not 1 <= body.max_new_tokens <= limits.max_new_tokens:
