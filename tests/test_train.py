@@ -74,11 +74,11 @@ def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager
         model(batches[0])
     assert counters["stats"]["unique_graphs"] - graphs == 1
     for eager_grads, compiled_grads in zip(eager, compiled):
-        for e, c in zip(eager_grads, compiled_grads):
-            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+        for e, c in zip(eager_grads, compiled_grads):  # fused kernels sum in another order: fp32 rounding apart
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
     model.gradient_checkpointing = True  # the blocks run (and rerun) inside torch.utils.checkpoint
     for e, c in zip(eager[0], gradients(batches[0])):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] - graphs == 1
     uncompile_blocks(model)
     assert all("forward" not in vars(block) for block in model.trf_blocks)

@@ -1,6 +1,8 @@
 """Adapter folders: `adapter.safetensors` (the LoRA matrices and any module trained with them) and
 `adapter.json` (everything needed to put them back on the right base model). Never pickle."""
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -61,9 +63,56 @@ def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Pat
         **task,
     }
     tensors = adapter_tensors(model, name)
+    check_finite(tensors, f"adapter {name!r}: not written to {folder}")
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     write_json(folder / CONFIG_FILE, meta)
     return folder
+
+
+NUMBER, TEXTS = (int, float), "texts"
+KIND_NAMES = {str: "a string", int: "an integer", NUMBER: "a number", bool: "true or false", dict: "an object", TEXTS: "a list of strings"}
+# adapter.json's keys: (type, required). The LoRA keys are required where the adapter has LoRA layers.
+SCHEMA = {
+    "name": (str, True), "base_model": (str, True), "base_fingerprint": (str, True), "architecture": (str, True),
+    "target_modules": (TEXTS, True), "modules_to_save": (dict, True), "trained_parameters": (TEXTS, False),
+    "rank": (int, False), "alpha": (NUMBER, False), "scaling": (str, False), "dropout": (NUMBER, False),
+    "task": (str, False), "label_names": (TEXTS, False), "template": (str, False), "max_length": (int, False),
+    "pooling": (str, False), "mask_prompt": (bool, False), "seed": (int, False),
+}  # fmt: skip
+
+
+def check_schema(meta: dict, file: Path):
+    """One line naming the key and the file for a missing or wrong-typed key, before anything reads it."""
+    lora_keys = ("rank", "alpha", "scaling", "dropout") if meta.get("target_modules") else ()
+    for key, (kind, required) in SCHEMA.items():
+        if meta.get(key) is None:  # null reads as absent: the task checks name an adapter without a task
+            if required or key in lora_keys or (key == "label_names" and meta.get("task") == "classification"):
+                raise LoraftError(f"{file}: the key {key!r} is missing")
+            continue
+        value = meta[key]
+        if kind == TEXTS:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if not ok:
+            raise LoraftError(f"{file}: {key!r} must be {KIND_NAMES[kind]}, not {json.dumps(value)[:60]}")
+    if lora_keys and (meta["rank"] < 1 or not 0 <= meta["dropout"] < 1 or not math.isfinite(meta["alpha"])):
+        raise LoraftError(f"{file}: 'rank' must be at least 1, 'dropout' in [0, 1) and 'alpha' finite")
+    if meta.get("max_length", 1) < 1:
+        raise LoraftError(f"{file}: 'max_length' must be at least 1, not {meta['max_length']}")
+    for module, spec in meta["modules_to_save"].items():
+        sizes = isinstance(spec, dict) and all(isinstance(spec.get(k), int) and spec[k] > 0 for k in ("in_features", "out_features"))
+        if not sizes or not isinstance(spec.get("bias"), bool):
+            raise LoraftError(f"{file}: modules_to_save[{module!r}] needs in_features and out_features (positive integers) and bias (true or false)")
+    head = meta["modules_to_save"].get("out_head")
+    if meta.get("task") == "classification" and head and len(meta["label_names"]) != head["out_features"]:
+        raise LoraftError(f"{file}: 'label_names' has {len(meta['label_names'])} names; the adapter's head has {head['out_features']} classes")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str):
+    bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise LoraftError(f"{what}: {len(bad)} of its {len(tensors)} tensors hold NaN or infinite values ({bad[0]}, ...)")
 
 
 def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -76,7 +125,10 @@ def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = read_json(config_file)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LoraftError(f"{config_file} is not a loraft adapter description (format {FORMAT!r})")
-    return meta, read_safetensors(weights_file)
+    check_schema(meta, config_file)
+    tensors = read_safetensors(weights_file)
+    check_finite(tensors, f"{weights_file} cannot be used")
+    return meta, tensors
 
 
 def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], folder):

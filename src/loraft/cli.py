@@ -123,6 +123,7 @@ def train_options(args) -> dict:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
         bf16=not args.no_bf16, gradient_checkpointing=args.gradient_checkpointing, compile=compile, device=args.device,
+        skip_nonfinite=args.skip_nonfinite, save_every=args.save_every,
     )  # fmt: skip
     return dict(train=cfg, out=args.out, model=args.model, weights=args.weights, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
 
@@ -383,6 +384,10 @@ def add_train_flags(parser):
     parser.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping (0: off)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between evaluations/checkpoints")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
+                        help="also write a checkpoint every N optimizer steps (default 0: at each evaluation only)")
+    parser.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite, metavar="N",
+                        help="skip up to N steps whose loss or gradient is NaN or infinite (default 0: stop at the first)")
     parser.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default auto: a CUDA GPU when PyTorch finds one)")
     parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
@@ -404,7 +409,7 @@ def main(argv=None):
         args.run(args)
     except LoraftError as e:
         print(f"loraft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("loraft: interrupted (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,6 @@
 classifier is the default) with LoRA or one of the book's baselines."""
 
 import json
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, lora
+from . import lora
 from .adapters import load_adapter, read_adapter, save_adapter
 from .classifier import ClassificationTask, TextFormat, add_classification_head, evaluate_split
 from .data.classification import ClassificationData, load_classification_data
@@ -18,7 +17,8 @@ from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
-from .train import Trainer, TrainConfig, changed_settings, check_config, pick_device
+from .run_folder import claimed
+from .train import Trainer, TrainConfig, check_config, pick_device
 from .weights import read_json, write_json
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
@@ -77,39 +77,6 @@ def resolved_config(train: TrainConfig | None) -> TrainConfig:
     return cfg
 
 
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "before.json")
-
-
-def check_out_folder(out: Path, config: dict, resume: bool, overwrite: bool):
-    """Never lose an earlier run: continue it only with the same settings, replace it only when asked."""
-    if out.exists() and not out.is_dir():
-        raise LoraftError(f"--out {out} is a file, not a folder")
-    if resume:
-        if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
-            raise LoraftError(f"--resume: no checkpoint in {out}")
-        earlier = read_json(out / "config.json")
-        changed = {k: v for k, v in changed_settings(earlier, config).items() if k not in ("resume", "overwrite", "quiet")}
-        if changed:
-            raise LoraftError(f"--resume: the run in {out} used other settings: {changed} (was, now)")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LoraftError(f"{out} already holds files: continue a run with --resume, or start over with --overwrite")
-        if not any((out / name).exists() for name in RUN_FILES):
-            raise LoraftError(f"--overwrite: {out} does not hold a loraft run; it is left alone")
-        shutil.rmtree(out)
-
-
-def claim_out_folder(out: Path, config: dict, resume: bool, overwrite: bool) -> bool:
-    """Check (with --overwrite, clear) `out` in process 0 while the others wait. True in process 0:
-    under torchrun the other processes only train, and process 0 alone writes files."""
-    main = distributed.is_main()
-    if main:
-        check_out_folder(out, config, resume, overwrite)
-    distributed.barrier()
-    return main
-
-
 def train_classifier(
     out="runs/sms-spam",
     model=DEFAULT_MODEL,
@@ -141,70 +108,70 @@ def train_classifier(
     out = Path(out)
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, cfg.seed)
-    main = claim_out_folder(out, config, resume, overwrite)
-    quiet = quiet or not main
-    started = time.perf_counter()
-    base, tokenizer = load_model(model, weights)
-    if max_length > base.context_length:
-        raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
-    torch.manual_seed(cfg.seed)  # the new head and the LoRA A matrices start from it
-    prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
-    base.to(cfg.device)
-    if cfg.bf16 and method in ("lora", "head"):
-        cast_frozen_weights(base, torch.bfloat16)
-    task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
-    adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        write_json(out / "config.json", config)
+    with claimed(out, config, resume, overwrite) as main:
+        quiet = quiet or not main
+        started = time.perf_counter()
+        base, tokenizer = load_model(model, weights)
+        if max_length > base.context_length:
+            raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
+        torch.manual_seed(cfg.seed)  # the new head and the LoRA A matrices start from it
+        prepare_model(base, method, len(dataset.label_names), rank, alpha, list(targets), scaling, dropout)
+        base.to(cfg.device)
+        if cfg.bf16 and method in ("lora", "head"):
+            cast_frozen_weights(base, torch.bfloat16)
+        task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
+        adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            write_json(out / "config.json", config)
 
-    def evaluate(split):
-        return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
+        def evaluate(split):
+            return evaluate_split(base, tokenizer, split, dataset.label_names, fmt, cfg.bf16)
 
-    before_file = out / "before.json"
-    if resume and before_file.is_file():
-        before = read_json(before_file)
-    elif main:
-        before = {name: evaluate(getattr(dataset, name))["accuracy"] for name in ("val", "test")}
-        write_json(before_file, before)
+        before_file = out / "before.json"
+        if resume and before_file.is_file():
+            before = read_json(before_file)
+        elif main:
+            before = {name: evaluate(getattr(dataset, name))["accuracy"] for name in ("val", "test")}
+            write_json(before_file, before)
 
-    trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
-    if not quiet:
-        counts = lora.parameter_summary(base)
-        print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable ({method}); "
-              f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}")  # fmt: skip
-    state = trainer.run(resume)
-    if not main:
-        return {}  # process 0 saves the adapter, evaluates and reports
-    save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
-    lora.merge(base)  # faster, and what `loraft classify` and `loraft eval` run
-    results = {name: evaluate(getattr(dataset, name)) for name in ("train", "val", "test")}
-    report = {
-        "model": model,
-        "method": method,
-        "data": data,
-        "sizes": dataset.sizes(),
-        "label_names": dataset.label_names,
-        "accuracy_before": before,
-        **{f"{name}_accuracy": r["accuracy"] for name, r in results.items()},
-        "test": results["test"],
-        "val": results["val"],
-        "best_step": state["best_step"],
-        "parameters": lora.parameter_summary(base),
-        "adapter_bytes": (out / "adapter" / "adapter.safetensors").stat().st_size,
-        "train_seconds": state["train_seconds"],
-        "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    write_json(out / "report.json", report)
-    plots = plot_run(out)
-    if not quiet:
-        print(
-            f"test accuracy {report['test_accuracy']:.4f} (val {report['val_accuracy']:.4f}, train {report['train_accuracy']:.4f}), "
-            f"{report['wall_seconds']:.0f} s\nadapter: {out / 'adapter'}\nreport:  {out / 'report.json'}\n"
-            f"plots:   {', '.join(str(p) for p in plots)}"
-        )
-    return report
+        trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
+        if not quiet:
+            counts = lora.parameter_summary(base)
+            print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable ({method}); "
+                  f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}")  # fmt: skip
+        state = trainer.run(resume)
+        if not main:
+            return {}  # process 0 saves the adapter, evaluates and reports
+        save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
+        lora.merge(base)  # faster, and what `loraft classify` and `loraft eval` run
+        results = {name: evaluate(getattr(dataset, name)) for name in ("train", "val", "test")}
+        report = {
+            "model": model,
+            "method": method,
+            "data": data,
+            "sizes": dataset.sizes(),
+            "label_names": dataset.label_names,
+            "accuracy_before": before,
+            **{f"{name}_accuracy": r["accuracy"] for name, r in results.items()},
+            "test": results["test"],
+            "val": results["val"],
+            "best_step": state["best_step"],
+            "parameters": lora.parameter_summary(base),
+            "adapter_bytes": (out / "adapter" / "adapter.safetensors").stat().st_size,
+            "train_seconds": state["train_seconds"],
+            "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        write_json(out / "report.json", report)
+        plots = plot_run(out)
+        if not quiet:
+            print(
+                f"test accuracy {report['test_accuracy']:.4f} (val {report['val_accuracy']:.4f}, train {report['train_accuracy']:.4f}), "
+                f"{report['wall_seconds']:.0f} s\nadapter: {out / 'adapter'}\nreport:  {out / 'report.json'}\n"
+                f"plots:   {', '.join(str(p) for p in plots)}"
+            )
+        return report
 
 
 def text_format(meta: dict) -> TextFormat:

@@ -18,10 +18,11 @@ from .classifier import length_bucketed_batches
 from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
 from .errors import LoraftError
 from .evaluate import answer_scores
-from .finetune import bf16_supported, cast_frozen_weights, claim_out_folder, resolved_config
+from .finetune import bf16_supported, cast_frozen_weights, resolved_config
 from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model, model_device
 from .plots import plot_run
+from .run_folder import claimed
 from .train import Trainer, TrainConfig, bf16_autocast
 from .weights import read_json, write_json
 
@@ -155,94 +156,94 @@ def train_instruct(
     config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
     dataset = load_instruction_data(data, val_file, test_file, cfg.seed)
     format_prompt("", "", template)  # an unknown template fails here, before anything is written
-    main = claim_out_folder(out, config, resume, overwrite)
-    quiet = quiet or not main
-    started = time.perf_counter()
-    base, tokenizer = load_model(model, weights)
-    end_id(tokenizer, template)  # a chat template needs a model that has one
-    if max_length > base.context_length:
-        raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
-    torch.manual_seed(cfg.seed)  # the LoRA A matrices start from it
-    lora.apply_lora(base, rank, alpha, list(targets), scaling, dropout)
-    base.to(cfg.device)
-    if cfg.bf16:
-        cast_frozen_weights(base, torch.bfloat16)
-    task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)
-    adapter_meta = dict(task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        write_json(out / "config.json", config)
+    with claimed(out, config, resume, overwrite) as main:
+        quiet = quiet or not main
+        started = time.perf_counter()
+        base, tokenizer = load_model(model, weights)
+        end_id(tokenizer, template)  # a chat template needs a model that has one
+        if max_length > base.context_length:
+            raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
+        torch.manual_seed(cfg.seed)  # the LoRA A matrices start from it
+        lora.apply_lora(base, rank, alpha, list(targets), scaling, dropout)
+        base.to(cfg.device)
+        if cfg.bf16:
+            cast_frozen_weights(base, torch.bfloat16)
+        task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)
+        adapter_meta = dict(task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            write_json(out / "config.json", config)
 
-    def measure(split: str) -> dict:
-        return split_loss(base, tokenizer, getattr(dataset, split), template, max_length, mask_prompt, cfg.bf16)
+        def measure(split: str) -> dict:
+            return split_loss(base, tokenizer, getattr(dataset, split), template, max_length, mask_prompt, cfg.bf16)
 
-    def answer(examples) -> list[str]:
-        return generate_answers(base, tokenizer, adapter_meta, examples, max_new_tokens)
+        def answer(examples) -> list[str]:
+            return generate_answers(base, tokenizer, adapter_meta, examples, max_new_tokens)
 
-    before_file = out / "before.json"
-    if resume and before_file.is_file():
-        before = read_json(before_file)
-    elif main:
-        lora.set_active(base, None)  # the base model alone
+        before_file = out / "before.json"
+        if resume and before_file.is_file():
+            before = read_json(before_file)
+        elif main:
+            lora.set_active(base, None)  # the base model alone
+            answers = answer(dataset.test)
+            before = {
+                "val": measure("val"), "test": measure("test"),
+                "answers": answer_scores(answers, [e.output for e in dataset.test]), "generated": answers,
+            }  # fmt: skip
+            lora.set_active(base, "default")
+            write_json(before_file, before)
+
+        trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
+        if not quiet:
+            counts = lora.parameter_summary(base)
+            print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
+                  f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}")  # fmt: skip
+        state = trainer.run(resume)
+        if not main:
+            return {}  # process 0 saves the adapter, answers the test split and reports
+        save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
+        lora.merge(base)  # generation at the base model's speed
+        after = {"val": measure("val"), "test": measure("test")}
+        generated_at = time.perf_counter()
         answers = answer(dataset.test)
-        before = {
-            "val": measure("val"), "test": measure("test"),
-            "answers": answer_scores(answers, [e.output for e in dataset.test]), "generated": answers,
+        after["answers"] = answer_scores(answers, [e.output for e in dataset.test])
+        generation_seconds = time.perf_counter() - generated_at
+        responses = [
+            {"instruction": e.instruction, "input": e.input, "expected": e.output, "generated": a, "generated_before": b}
+            for e, a, b in zip(dataset.test, answers, before["generated"])
+        ]
+        write_json(out / "test-responses.json", responses)
+        report = {
+            "model": model,
+            "data": str(data),
+            "template": template,
+            "mask_prompt": mask_prompt,
+            "sizes": dataset.sizes(),
+            **{f"{split}_{key}_{when}": values[split][key] for when, values in (("before", before), ("after", after))
+               for split in ("val", "test") for key in ("loss", "perplexity", "response_loss", "response_perplexity")},
+            "answers_before": before["answers"],
+            "answers_after": after["answers"],
+            "max_new_tokens": max_new_tokens,
+            "best_step": state["best_step"],
+            "parameters": lora.parameter_summary(base),
+            "adapter_bytes": (out / "adapter" / "adapter.safetensors").stat().st_size,
+            "train_seconds": state["train_seconds"],
+            "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
+            "generation_seconds_after": generation_seconds,
+            "wall_seconds": time.perf_counter() - started,
         }  # fmt: skip
-        lora.set_active(base, "default")
-        write_json(before_file, before)
-
-    trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
-    if not quiet:
-        counts = lora.parameter_summary(base)
-        print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
-              f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}")  # fmt: skip
-    state = trainer.run(resume)
-    if not main:
-        return {}  # process 0 saves the adapter, answers the test split and reports
-    save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
-    lora.merge(base)  # generation at the base model's speed
-    after = {"val": measure("val"), "test": measure("test")}
-    generated_at = time.perf_counter()
-    answers = answer(dataset.test)
-    after["answers"] = answer_scores(answers, [e.output for e in dataset.test])
-    generation_seconds = time.perf_counter() - generated_at
-    responses = [
-        {"instruction": e.instruction, "input": e.input, "expected": e.output, "generated": a, "generated_before": b}
-        for e, a, b in zip(dataset.test, answers, before["generated"])
-    ]
-    write_json(out / "test-responses.json", responses)
-    report = {
-        "model": model,
-        "data": str(data),
-        "template": template,
-        "mask_prompt": mask_prompt,
-        "sizes": dataset.sizes(),
-        **{f"{split}_{key}_{when}": values[split][key] for when, values in (("before", before), ("after", after))
-           for split in ("val", "test") for key in ("loss", "perplexity", "response_loss", "response_perplexity")},
-        "answers_before": before["answers"],
-        "answers_after": after["answers"],
-        "max_new_tokens": max_new_tokens,
-        "best_step": state["best_step"],
-        "parameters": lora.parameter_summary(base),
-        "adapter_bytes": (out / "adapter" / "adapter.safetensors").stat().st_size,
-        "train_seconds": state["train_seconds"],
-        "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
-        "generation_seconds_after": generation_seconds,
-        "wall_seconds": time.perf_counter() - started,
-    }  # fmt: skip
-    write_json(out / "report.json", report)
-    plots = plot_run(out)
-    if not quiet:
-        print(
-            f"test loss {report['test_loss_before']:.3f} -> {report['test_loss_after']:.3f} "
-            f"(perplexity {report['test_perplexity_before']:.1f} -> {report['test_perplexity_after']:.1f}), "
-            f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
-            f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}, "
-            f"{report['wall_seconds']:.0f} s\nadapter: {out / 'adapter'}\nanswers: {out / 'test-responses.json'}\n"
-            f"report:  {out / 'report.json'}\nplots:   {', '.join(str(p) for p in plots)}"
-        )
-    return report
+        write_json(out / "report.json", report)
+        plots = plot_run(out)
+        if not quiet:
+            print(
+                f"test loss {report['test_loss_before']:.3f} -> {report['test_loss_after']:.3f} "
+                f"(perplexity {report['test_perplexity_before']:.1f} -> {report['test_perplexity_after']:.1f}), "
+                f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
+                f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}, "
+                f"{report['wall_seconds']:.0f} s\nadapter: {out / 'adapter'}\nanswers: {out / 'test-responses.json'}\n"
+                f"report:  {out / 'report.json'}\nplots:   {', '.join(str(p) for p in plots)}"
+            )
+        return report
 
 
 def load_instruct(adapter_dir, weights=None):

@@ -97,10 +97,14 @@ class LoRALinear(nn.Module):
         """scale * B A, in fp32: what merging adds to W."""
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
 
-    def merge(self, name: str, sign: float = 1.0):
+    def merged_weight(self, name: str, sign: float = 1.0) -> torch.Tensor:
         with torch.no_grad():
             weight = self.base.weight
-            weight.copy_((weight.float() + sign * self.update(name)).to(weight.dtype))
+            return (weight.float() + sign * self.update(name)).to(weight.dtype)
+
+    def merge(self, name: str, sign: float = 1.0):
+        with torch.no_grad():
+            self.base.weight.copy_(self.merged_weight(name, sign))
 
 
 class LoRAProduct(torch.autograd.Function):
@@ -342,12 +346,15 @@ def merge(model: nn.Module, name: str | None = None):
     if state.merged is not None:
         raise LoraftError(f"adapter {state.merged!r} is already merged")
     set_active(model, name)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and name in m.lora_A]
+    for module in layers:  # every layer checked before any W changes, as PEFT's safe_merge does
+        if not torch.isfinite(module.merged_weight(name)).all():
+            raise LoraftError(f"merging adapter {name!r} would put NaN or infinite values into the base weights; they are unchanged")
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    for module in model.modules():
-        if isinstance(module, LoRALinear) and name in module.lora_A:
-            if uses[id(module.base.weight)] > 1:  # a tied head: merging must not change the embedding
-                module.base.weight = nn.Parameter(module.base.weight.detach().clone(), requires_grad=False)
-            module.merge(name)
+    for module in layers:
+        if uses[id(module.base.weight)] > 1:  # a tied head: merging must not change the embedding
+            module.base.weight = nn.Parameter(module.base.weight.detach().clone(), requires_grad=False)
+        module.merge(name)
     state.merged = name
 
 

@@ -4,6 +4,7 @@ Each setting trains in its own subfolder of --out. A setting with a report is do
 interrupted one resumes from its checkpoint: running the same command again continues a sweep.
 """
 
+import contextlib
 import csv
 import shutil
 from dataclasses import asdict
@@ -12,7 +13,8 @@ from pathlib import Path
 from . import distributed
 from .errors import LoraftError
 from .finetune import train_classifier
-from .train import TrainConfig, changed_settings
+from .run_folder import LOCK_FILE, changed_settings, locked
+from .train import TrainConfig
 from .weights import atomic_write, read_json, write_json
 
 COLUMNS = ("rank", "alpha", "test_accuracy", "val_accuracy", "trainable_parameters", "adapter_bytes", "wall_seconds")
@@ -31,12 +33,12 @@ def parse_grid(flag: str, text: str, kind) -> list:
 def check_sweep_folder(out: Path, settings: dict, overwrite: bool):
     """Continue a sweep only with the same settings, since its finished runs are reused."""
     earlier = out / "sweep.json"
-    if out.exists() and not out.is_dir():
-        raise LoraftError(f"--out {out} is a file, not a folder")
-    if out.exists() and any(out.iterdir()) and not earlier.is_file():
+    held = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if held and not earlier.is_file():
         raise LoraftError(f"{out} already holds files that are not a loraft sweep; choose another --out")
     if earlier.is_file() and overwrite:
-        shutil.rmtree(out)
+        for path in held:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     elif earlier.is_file():
         changed = changed_settings(read_json(earlier), settings)
         if changed:
@@ -49,38 +51,38 @@ def run_sweep(ranks: list[int], alphas: list[float], out="runs/sweep", resume=Fa
     `options` are train_classifier's; `resume` is implied: a sweep always continues."""
     out, train = Path(out), train or TrainConfig()
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in {**options, **asdict(train)}.items()}
-    if distributed.is_main():
-        check_sweep_folder(out, settings, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "sweep.json", settings)
-    distributed.barrier()
-    rows = []
-    for rank in ranks:
-        for alpha in alphas:
-            run = out / f"rank{rank}-alpha{alpha:g}"
-            if (run / "report.json").is_file():
-                report, note = read_json(run / "report.json"), "done earlier"
-            else:
-                started = (run / "checkpoint.pt").is_file()
-                report = train_classifier(
-                    out=run, rank=rank, alpha=alpha, resume=started, overwrite=not started, quiet=True, train=train, **options
-                )  # fmt: skip
-                note = "resumed" if started else "trained"
-            if not distributed.is_main():
-                continue
-            rows.append({
-                "rank": rank, "alpha": alpha, "test_accuracy": report["test_accuracy"], "val_accuracy": report["val_accuracy"],
-                "trainable_parameters": report["parameters"]["trainable"], "adapter_bytes": report["adapter_bytes"],
-                "wall_seconds": round(report["wall_seconds"], 1),
-            })  # fmt: skip
+    with locked(out) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.is_main():
+            check_sweep_folder(out, settings, overwrite)
+            write_json(out / "sweep.json", settings)
+        distributed.barrier()
+        rows = []
+        for rank in ranks:
+            for alpha in alphas:
+                run = out / f"rank{rank}-alpha{alpha:g}"
+                if (run / "report.json").is_file():
+                    report, note = read_json(run / "report.json"), "done earlier"
+                else:
+                    started = (run / "checkpoint.pt").is_file()
+                    report = train_classifier(
+                        out=run, rank=rank, alpha=alpha, resume=started, overwrite=not started, quiet=True, train=train, **options
+                    )  # fmt: skip
+                    note = "resumed" if started else "trained"
+                if not distributed.is_main():
+                    continue
+                rows.append({
+                    "rank": rank, "alpha": alpha, "test_accuracy": report["test_accuracy"], "val_accuracy": report["val_accuracy"],
+                    "trainable_parameters": report["parameters"]["trainable"], "adapter_bytes": report["adapter_bytes"],
+                    "wall_seconds": round(report["wall_seconds"], 1),
+                })  # fmt: skip
+                if not quiet:
+                    print(f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
+                          f"{report['wall_seconds']:.0f} s ({note})", flush=True)  # fmt: skip
+        if distributed.is_main():
+            write_results(out, rows)
             if not quiet:
-                print(f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
-                      f"{report['wall_seconds']:.0f} s ({note})", flush=True)  # fmt: skip
-    if distributed.is_main():
-        write_results(out, rows)
-        if not quiet:
-            print(f"results: {out / 'sweep.md'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
-    return rows
+                print(f"results: {out / 'sweep.md'}, {out / 'sweep.csv'}, {out / 'sweep.png'}")
+        return rows
 
 
 def write_results(out: Path, rows: list[dict]):

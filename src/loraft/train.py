@@ -15,6 +15,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from tqdm import tqdm
 from . import distributed
 from .errors import LoraftError
 from .models import model_device
-from .weights import atomic_write
+from .run_folder import changed_settings
+from .weights import atomic_write, json_safe
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -49,6 +52,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     compile: bool = False  # torch.compile the blocks while training (the CLI's default for Llama models on a CPU, where a C++ compiler is found)
     device: str = "auto"  # cpu, cuda, cuda:N; auto: a CUDA GPU when PyTorch finds one, else the CPU
+    save_every: int = 0  # optimizer steps between checkpoints besides those at each evaluation (0: none)
+    skip_nonfinite: int = 0  # optimizer steps with a NaN or infinite loss or gradient skipped before the run stops
 
 
 class Task(Protocol):
@@ -92,6 +97,11 @@ def check_config(cfg: TrainConfig):
     for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
         if getattr(cfg, name) < 1:
             raise LoraftError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("lr", "weight_decay", "warmup", "clip"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise LoraftError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(cfg, name)}")
+    if cfg.skip_nonfinite < 0 or cfg.save_every < 0:
+        raise LoraftError("--skip-nonfinite and --save-every must be at least 0")
     if cfg.schedule not in SCHEDULES:
         raise LoraftError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
     if not cfg.lr > 0:
@@ -171,15 +181,37 @@ def uncompile_blocks(model: nn.Module):
         block.__dict__.pop("forward", None)
 
 
-def changed_settings(was: dict, now: dict) -> dict:
-    """{setting: (was, now)} for each setting a continued run changes, leaving out `compile` (in nested
-    settings too), which changes the speed and the rounding, not what is trained (tested)."""
-    was, now = result_settings(was), result_settings(now)
-    return {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+class RunStopped(LoraftError):
+    """A run stopped on request (SIGTERM, Ctrl-C) after writing its checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def result_settings(settings: dict) -> dict:
-    return {k: result_settings(v) if isinstance(v, dict) else v for k, v in settings.items() if k != "compile"}
+class StopSignals:
+    """While training, SIGTERM and a first Ctrl-C ask the loop to stop after the current step (it writes
+    a checkpoint first); a second Ctrl-C stops at once. Only in the main thread of a single process:
+    under torchrun a process stopping alone would leave the others waiting in an all-reduce."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal, self.number, self.previous = None, 0, {}
+
+    def __enter__(self):
+        if self.enabled:
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self.request)
+        return self
+
+    def request(self, number, frame):
+        if self.signal == "Ctrl-C" and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal, self.number = ("Ctrl-C" if number == signal.SIGINT else "SIGTERM"), number
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
@@ -208,10 +240,11 @@ class Trainer:
         )
         self.state = {
             "epoch": 0, "batch": 0, "step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0,
-            "loss_sum": 0.0, "correct": 0, "count": 0, "batches_since_eval": 0, "best": None, "best_step": None,
+            "loss_sum": 0.0, "correct": 0, "count": 0, "batches_since_eval": 0, "best": None, "best_step": None, "skipped_steps": 0,
         }  # fmt: skip
         self.best_weights = None
         self.checkpoint_file = self.out / "checkpoint.pt"
+        self.checkpoint_step = None
         self.metrics_file = self.out / "metrics.jsonl"
 
     # ------------------------------------------------------------ checkpoints
@@ -228,6 +261,7 @@ class Trainer:
                 "config": asdict(self.cfg),
         }
         atomic_write(self.checkpoint_file, lambda tmp: torch.save(checkpoint, tmp))
+        self.checkpoint_step = self.state["step"]
 
     def load_checkpoint(self):
         if not self.checkpoint_file.is_file():
@@ -252,7 +286,8 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-        self.state = ckpt["state"]
+        self.state = {**self.state, **ckpt["state"]}  # an earlier loraft's checkpoint lacks the newer counters
+        self.checkpoint_step = self.state["step"]
         # Rows logged after the checkpoint will be logged again.
         if self.is_main and self.metrics_file.is_file():
             kept = []
@@ -277,11 +312,12 @@ class Trainer:
             "tokens_seen": s["tokens"],
             "train_seconds": s["train_seconds"],  # the loop's own time, evaluations left out
             "train_loss": s["loss_sum"] / max(1, s["batches_since_eval"]),
+            "skipped_steps": s["skipped_steps"],
             **({"train_accuracy": s["correct"] / s["count"]} if s["count"] else {}),
             **{f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))},
         }
         with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_safe(row)) + "\n")
         s["loss_sum"], s["correct"], s["count"], s["batches_since_eval"] = 0.0, 0, 0, 0
         if is_better(self.task.best_metric, row, s["best"]):
             s["best"], s["best_step"] = [row[f"val_{self.task.best_metric}"], row["val_loss"]], s["step"]
@@ -304,54 +340,67 @@ class Trainer:
         if cfg.compile:
             compile_blocks(self.model)
         bar = tqdm(total=self.total_steps, initial=s["step"], disable=self.quiet or not self.is_main, unit="step", dynamic_ncols=True)
-        while s["epoch"] < cfg.epochs:
-            batches = self.task.train_batches(s["epoch"], cfg.batch_size)
-            while s["batch"] < len(batches):
-                started = time.perf_counter()
-                group = batches[s["batch"] : s["batch"] + cfg.grad_accum]
-                examples = sum(len(b.labels) for b in group)
-                loss_sum = correct = count = 0
-                for i, batch in enumerate(group):
-                    rows, n = distributed.shard(batch)
-                    with self.sync_gradients(last=i == len(group) - 1):
-                        with bf16_autocast(self.device, cfg.bf16):
-                            loss, stats = self.task_loss(rows)
-                        # Weighted by examples; DDP averages over processes, hence the world size.
-                        (loss * n / examples * self.world).backward()
-                    if n:
-                        loss_sum += loss.item() * n / examples
-                        correct += stats.get("correct", 0)
-                        count += stats.get("count", 0)
-                    s["tokens"] += self.task.batch_tokens(batch)
-                loss_sum, correct, count = distributed.sum_over_processes([loss_sum, correct, count])
-                s["loss_sum"] += loss_sum
-                s["correct"] += int(correct)
-                s["count"] += int(count)
-                if cfg.clip > 0:
-                    nn.utils.clip_grad_norm_(self.params.values(), cfg.clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                s["batch"] += len(group)
-                s["step"] += 1
-                s["examples"] += examples
-                s["batches_since_eval"] += 1
-                s["train_seconds"] += time.perf_counter() - started
-                bar.update(1)
-                postfix = {"loss": f"{s['loss_sum'] / s['batches_since_eval']:.3f}"}
-                if s["count"]:
-                    postfix["acc"] = f"{s['correct'] / s['count']:.3f}"
-                bar.set_postfix(postfix)
-                end_of_epoch = s["batch"] >= len(batches)
-                if end_of_epoch:
-                    s["epoch"], s["batch"] = s["epoch"] + 1, 0
-                if (s["step"] % cfg.eval_every == 0 or end_of_epoch) and self.is_main:
-                    row = self.log_evaluation()
-                    if not self.quiet:
-                        bar.write(self.describe(row))
-                    self.model.train()
-                if end_of_epoch:
-                    break
+        with StopSignals(enabled=self.world == 1) as stop:
+            while s["epoch"] < cfg.epochs:
+                batches = self.task.train_batches(s["epoch"], cfg.batch_size)
+                while s["batch"] < len(batches):
+                    started = time.perf_counter()
+                    group = batches[s["batch"] : s["batch"] + cfg.grad_accum]
+                    examples = sum(len(b.labels) for b in group)
+                    loss_sum = correct = count = 0
+                    for i, batch in enumerate(group):
+                        rows, n = distributed.shard(batch)
+                        with self.sync_gradients(last=i == len(group) - 1):
+                            with bf16_autocast(self.device, cfg.bf16):
+                                loss, stats = self.task_loss(rows)
+                            # Weighted by examples; DDP averages over processes, hence the world size.
+                            (loss * n / examples * self.world).backward()
+                        if n:
+                            loss_sum += loss.item() * n / examples
+                            correct += stats.get("correct", 0)
+                            count += stats.get("count", 0)
+                        s["tokens"] += self.task.batch_tokens(batch)
+                    loss_sum, correct, count = distributed.sum_over_processes([loss_sum, correct, count])
+                    # The norm of the summed gradients, the same in every process: they all skip or stop alike.
+                    norm = nn.utils.clip_grad_norm_(self.params.values(), cfg.clip if cfg.clip > 0 else math.inf)
+                    if math.isfinite(loss_sum) and torch.isfinite(norm):
+                        s["loss_sum"] += loss_sum
+                        s["correct"] += int(correct)
+                        s["count"] += int(count)
+                        self.optimizer.step()
+                    else:
+                        self.skip_nonfinite_step(loss_sum, float(norm))
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    s["batch"] += len(group)
+                    s["step"] += 1
+                    s["examples"] += examples
+                    s["batches_since_eval"] += 1
+                    s["train_seconds"] += time.perf_counter() - started
+                    bar.update(1)
+                    postfix = {"loss": f"{s['loss_sum'] / s['batches_since_eval']:.3f}"}
+                    if s["count"]:
+                        postfix["acc"] = f"{s['correct'] / s['count']:.3f}"
+                    bar.set_postfix(postfix)
+                    end_of_epoch = s["batch"] >= len(batches)
+                    if end_of_epoch:
+                        s["epoch"], s["batch"] = s["epoch"] + 1, 0
+                    if (s["step"] % cfg.eval_every == 0 or end_of_epoch) and self.is_main:
+                        row = self.log_evaluation()
+                        if not self.quiet:
+                            bar.write(self.describe(row))
+                        self.model.train()
+                    elif self.is_main and (stop.signal or cfg.save_every and s["step"] % cfg.save_every == 0):
+                        self.save_checkpoint()
+                    if stop.signal:
+                        bar.close()
+                        raise RunStopped(
+                            f"stopped by {stop.signal} after step {s['step']} of {self.total_steps}; the checkpoint in "
+                            f"{self.out} holds it: continue with the same command and --resume",
+                            exit_code=128 + stop.number,
+                        )
+                    if end_of_epoch:
+                        break
         bar.close()
         if cfg.compile:
             uncompile_blocks(self.model)
@@ -361,6 +410,22 @@ class Trainer:
                     p.copy_(self.best_weights[n])
         self.model.eval()
         return dict(s)
+
+    def skip_nonfinite_step(self, loss: float, norm: float):
+        """Drop this step's gradients, or stop the run once --skip-nonfinite such steps are used up: the
+        weights stay those of the last finite step, and nothing is written from non-finite ones."""
+        self.optimizer.zero_grad(set_to_none=True)
+        s, cfg = self.state, self.cfg
+        s["skipped_steps"] += 1
+        if s["skipped_steps"] > cfg.skip_nonfinite:
+            saved = self.checkpoint_step
+            last = "no checkpoint was written yet" if saved is None else f"its last checkpoint is from step {saved}"
+            clip = ", --clip 1.0" if not 0 < cfg.clip <= 1 else ""
+            raise LoraftError(
+                f"step {s['step'] + 1}: the training loss is {loss:g} and the gradient norm {norm:g}; the run stopped "
+                f"({last}; the adapter, if any, holds finite weights). Start over with --overwrite and a lower --lr "
+                f"(now {cfg.lr:g}){clip}, or continue with --resume --skip-nonfinite N to skip such steps"
+            )
 
     def sync_gradients(self, last: bool):
         """DDP all-reduces the gradients after the last micro-batch of a step; the others only add up."""

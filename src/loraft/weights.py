@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,14 +73,33 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def atomic_write(path: Path, write):
-    """Write through `write(tmp)` then rename: an interruption leaves the old file or the new one."""
+    """Write through `write(tmp)` then rename: an interruption or a failed write (a full disk, a
+    read-only folder) leaves the old file as it was, and no temporary file behind."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise LoraftError(f"could not write {path} ({reason}); the file there before, if any, is unchanged") from None
+
+
+def json_safe(value):
+    """`value` with NaN and infinities as null: JSON has no such numbers, and bare NaN breaks its readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_json(path: Path, value):
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+    text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path):
