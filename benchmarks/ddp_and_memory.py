@@ -30,8 +30,20 @@ def measure_ddp() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, launcher in [
             ("1 process, 2 threads", [sys.executable, "-m", "loraft"]),
-            ("2 processes, 1 thread each", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "loraft"]),
-        ]:  # fmt: skip
+            (
+                "2 processes, 1 thread each",
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "2",
+                    "-m",
+                    "loraft",
+                ],
+            ),
+        ]:
             out = Path(tmp) / name.split(",")[0].replace(" ", "-")
             started = time.perf_counter()
             subprocess.run([*launcher, *TRAIN, "--out", str(out)], check=True)
@@ -111,7 +123,9 @@ def main():
         return
     parts = sys.argv[1:] or ["ddp", "memory"]
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
-    results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    results["machine"] = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     for part in parts:
         results[part] = {"ddp": measure_ddp, "memory": measure_memory}[part]()
         results[part]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

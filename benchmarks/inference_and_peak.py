@@ -15,11 +15,11 @@ import torch
 
 from loraft import lora
 from loraft.adapters import load_adapter, read_adapter
-from loraft.classifier import predict_proba
+from loraft.classifier import TextFormat, predict_proba
 from loraft.data.sms_spam import load_sms_spam
-from loraft.finetune import cast_frozen_weights, text_format
 from loraft.models import load_model
 from loraft.peft_format import export_peft
+from loraft.precision import cast_frozen_weights
 from loraft.weights import smollm2_gguf
 
 OUT = Path(__file__).parent / "results"
@@ -60,7 +60,9 @@ def transformers_classifier(adapter_dir):
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     gguf = smollm2_gguf()
-    model = LlamaForSequenceClassification.from_pretrained(str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32)
+    model = LlamaForSequenceClassification.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32
+    )
     model.config.pad_token_id = 2
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     peft_dir = tempfile.mkdtemp()
@@ -73,7 +75,7 @@ def main():
     adapter = Path(sys.argv[1])
     texts = load_sms_spam().test.texts
     meta, _ = read_adapter(adapter)
-    fmt = text_format(meta)
+    fmt = TextFormat.of_adapter(meta)
     results = {"gemm_gflops": {"bf16": gemm_gflops(torch.bfloat16), "fp32": gemm_gflops(torch.float32)}}
 
     base, tokenizer = load_model(meta["base_model"])
@@ -83,7 +85,9 @@ def main():
     lora.merge(base)
     cast_frozen_weights(base, torch.bfloat16)
     results["sms_per_second"] = {
-        "loraft merged (bf16)": per_second(lambda: predict_proba(base, tokenizer, texts, fmt, autocast=True), len(texts)),
+        "loraft merged (bf16)": per_second(
+            lambda: predict_proba(base, tokenizer, texts, fmt, autocast=True), len(texts)
+        ),
         "loraft unmerged (bf16 base, fp32 LoRA)": per_second(
             lambda: predict_proba(unmerged, tokenizer, texts, fmt, autocast=True), len(texts)
         ),
@@ -105,8 +109,12 @@ def main():
     results["tokens_per_sms"] = tokens
     results["sms_per_second_at_bf16_peak"] = results["gemm_gflops"]["bf16"] * 1e9 / (2 * linear_weights * tokens)
 
-    print(f"GEMM peak (best square product): bf16 {results['gemm_gflops']['bf16']:.0f} GFLOP/s, fp32 {results['gemm_gflops']['fp32']:.0f} GFLOP/s")
-    print(f"{tokens:.1f} tokens per test SMS: at the bf16 peak, {results['sms_per_second_at_bf16_peak']:.0f} SMS/s at most")
+    print(
+        f"GEMM peak (best square product): bf16 {results['gemm_gflops']['bf16']:.0f} GFLOP/s, fp32 {results['gemm_gflops']['fp32']:.0f} GFLOP/s"
+    )
+    print(
+        f"{tokens:.1f} tokens per test SMS: at the bf16 peak, {results['sms_per_second_at_bf16_peak']:.0f} SMS/s at most"
+    )
     for name, rate in results["sms_per_second"].items():
         print(f"{name:42} {rate:7.1f} SMS/s")
     OUT.mkdir(exist_ok=True)

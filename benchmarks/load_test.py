@@ -33,7 +33,9 @@ def free_port() -> int:
 def start_server(adapter: str, *flags: str) -> tuple[subprocess.Popen, str]:
     """`loraft serve` on a free loopback port; returns once it answers /healthz."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "loraft", "serve", "--adapter", f"spam={adapter}", "--port", str(port), *flags])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraft", "serve", "--adapter", f"spam={adapter}", "--port", str(port), *flags]
+    )
     url = f"http://127.0.0.1:{port}/"
     while process.poll() is None:
         try:
@@ -72,7 +74,12 @@ async def load(url: str, texts: list[str], clients: int, requests: int) -> dict:
         "error_examples": errors[:5],
         "seconds": seconds,
         "requests_per_second": requests / seconds,
-        "latency_ms": {"p50": 1000 * quantiles[49], "p90": 1000 * quantiles[89], "p99": 1000 * quantiles[98], "max": 1000 * max(latencies)},
+        "latency_ms": {
+            "p50": 1000 * quantiles[49],
+            "p90": 1000 * quantiles[89],
+            "p99": 1000 * quantiles[98],
+            "max": 1000 * max(latencies),
+        },
     }
 
 
@@ -99,16 +106,25 @@ def main():
     parser.add_argument("--no-compare", action="store_true", help="only the default (batching) server")
     args = parser.parse_args()
     texts = load_sms_spam().test.texts
-    results = {"machine": {"cpus": os.cpu_count()}, "batched": measure(args.adapter, texts, args.clients, args.requests)}
+    results = {
+        "machine": {"cpus": os.cpu_count()},
+        "batched": measure(args.adapter, texts, args.clients, args.requests),
+    }
     if not args.no_compare:
-        results["unbatched"] = measure(args.adapter, texts, args.clients, args.requests, "--max-batch", "1", "--batch-window-ms", "0")
-        results["throughput_ratio_batched_vs_unbatched"] = results["batched"]["requests_per_second"] / results["unbatched"]["requests_per_second"]
+        results["unbatched"] = measure(
+            args.adapter, texts, args.clients, args.requests, "--max-batch", "1", "--batch-window-ms", "0"
+        )
+        results["throughput_ratio_batched_vs_unbatched"] = (
+            results["batched"]["requests_per_second"] / results["unbatched"]["requests_per_second"]
+        )
     for name in ("batched", "unbatched"):
         if name in results:
             r = results[name]
-            print(f"{name:>9}: {r['requests']} requests from {r['clients']} clients in {r['seconds']:.1f} s: "
-                  f"{r['requests_per_second']:.1f} requests/s, p50 {r['latency_ms']['p50']:.0f} ms, p99 {r['latency_ms']['p99']:.0f} ms, "
-                  f"{r['mean_texts_per_batch']:.1f} texts per batch, {r['errors']} errors")  # fmt: skip
+            print(
+                f"{name:>9}: {r['requests']} requests from {r['clients']} clients in {r['seconds']:.1f} s: "
+                f"{r['requests_per_second']:.1f} requests/s, p50 {r['latency_ms']['p50']:.0f} ms, p99 {r['latency_ms']['p99']:.0f} ms, "
+                f"{r['mean_texts_per_batch']:.1f} texts per batch, {r['errors']} errors"
+            )
     if "unbatched" in results:
         print(f"micro-batching: {results['throughput_ratio_batched_vs_unbatched']:.2f}x the throughput")
     OUT.mkdir(exist_ok=True)

@@ -24,9 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loraft.classifier import ClassificationTask, TextFormat
 from loraft.data.sms_spam import load_sms_spam
-from loraft.finetune import cast_frozen_weights, prepare_model
+from loraft.finetune import prepare_model
 from loraft.lora import LoRALinear
 from loraft.models import ARCHITECTURES, architecture_of, gpt2, kv_cache, llama, load_model
+from loraft.precision import cast_frozen_weights
 from loraft.tokenizer import GPT2Tokenizer
 from loraft.train import compile_blocks
 
@@ -111,14 +112,22 @@ def main():
 
     architecture = ARCHITECTURES[architecture_of(model)]
     pieces = {
-        "LoRAProduct (LoRA forward and backward written out)": lambda: mock.patch.object(LoRALinear, "fast_adapter", lambda self: None),
-        "one LoRA A product for q, k, v (and gate, up)": lambda: mock.patch.object(architecture, "shared_input_linears", each_layer_alone),
-        "CausalAttention (vs SDPA's math backend)": lambda: mock.patch.object(architecture, "causal_attention", sdpa_math_attention),
+        "LoRAProduct (LoRA forward and backward written out)": lambda: mock.patch.object(
+            LoRALinear, "fast_adapter", lambda self: None
+        ),
+        "one LoRA A product for q, k, v (and gate, up)": lambda: mock.patch.object(
+            architecture, "shared_input_linears", each_layer_alone
+        ),
+        "CausalAttention (vs SDPA's math backend)": lambda: mock.patch.object(
+            architecture, "causal_attention", sdpa_math_attention
+        ),
         "fused AdamW": unfused_adamw,
         "bf16 frozen base weights (vs fp32 under autocast)": lambda: fp32_frozen_weights(fp32_copies),
     }
     if architecture is llama:
-        pieces["grouped queries without copies of k, v"] = lambda: mock.patch.object(llama, "causal_attention", repeated_keys_attention)
+        pieces["grouped queries without copies of k, v"] = lambda: mock.patch.object(
+            llama, "causal_attention", repeated_keys_attention
+        )
 
     with eager_blocks():
         for batch in batches[:WARMUP]:
@@ -137,7 +146,11 @@ def main():
                     step(batch)
                     seconds[variant] += time.perf_counter() - started
         steps = len(batches) - WARMUP
-        return {"ms_per_step_with": 1000 * seconds["with"] / steps, "ms_per_step_without": 1000 * seconds["without"] / steps, "speedup": seconds["without"] / seconds["with"]}
+        return {
+            "ms_per_step_with": 1000 * seconds["with"] / steps,
+            "ms_per_step_without": 1000 * seconds["without"] / steps,
+            "speedup": seconds["without"] / seconds["with"],
+        }
 
     rows = {}
     with eager_blocks():

@@ -23,10 +23,11 @@ from llms_from_scratch.ch04 import GPTModel as BookGPT
 
 from loraft.classifier import ClassificationTask, TextFormat
 from loraft.data.sms_spam import load_sms_spam
-from loraft.finetune import cast_frozen_weights, prepare_model
+from loraft.finetune import prepare_model
 from loraft.models.gpt2 import SIZES, GPTModel
+from loraft.precision import cast_frozen_weights
 from loraft.tokenizer import GPT2Tokenizer
-from loraft.train import Trainer, TrainConfig
+from loraft.train import TrainConfig, Trainer
 
 BOOK_BATCHES = int(sys.argv[1]) if len(sys.argv) > 1 else 12
 EPOCHS = 5  # the book's; loraft is timed over all of them, so compiling is spread as in a real run
@@ -35,7 +36,15 @@ OUT = Path(__file__).parent / "results"
 
 def book_seconds_per_epoch(data, tokenizer) -> tuple[float, int]:
     torch.manual_seed(123)
-    cfg = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12, "drop_rate": 0.0, "qkv_bias": True}
+    cfg = {
+        "vocab_size": 50257,
+        "context_length": 1024,
+        "emb_dim": 768,
+        "n_heads": 12,
+        "n_layers": 12,
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+    }
     model = BookGPT(cfg)
     model.out_head = torch.nn.Linear(768, 2)
     base_weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".mask")}
@@ -87,13 +96,21 @@ def main():
     result = {
         "benchmark": "LoRA training, gpt2-small architecture, SMS spam train split (1,045), batch 8, rank 16",
         "threads": torch.get_num_threads(),
-        "book_seconds_per_epoch": book, "book_padded_length": longest, "book_batches_timed": BOOK_BATCHES,
-        "loraft_seconds_per_epoch": ours, "speedup": book / ours,
-        "loraft_last_epoch_seconds": ours_last, "speedup_last_epoch": book / ours_last,
-        "loraft_compile_seconds_per_epoch": compiled, "speedup_compile": book / compiled,
-        "loraft_compile_last_epoch_seconds": compiled_last, "speedup_compile_last_epoch": book / compiled_last,
-    }  # fmt: skip
-    print(f"{'':24} {'s/epoch':>8} {'speedup':>8} {'last epoch':>11} {'speedup':>8}\n{'book (fp32, pad 120)':24} {book:8.1f}")
+        "book_seconds_per_epoch": book,
+        "book_padded_length": longest,
+        "book_batches_timed": BOOK_BATCHES,
+        "loraft_seconds_per_epoch": ours,
+        "speedup": book / ours,
+        "loraft_last_epoch_seconds": ours_last,
+        "speedup_last_epoch": book / ours_last,
+        "loraft_compile_seconds_per_epoch": compiled,
+        "speedup_compile": book / compiled,
+        "loraft_compile_last_epoch_seconds": compiled_last,
+        "speedup_compile_last_epoch": book / compiled_last,
+    }
+    print(
+        f"{'':24} {'s/epoch':>8} {'speedup':>8} {'last epoch':>11} {'speedup':>8}\n{'book (fp32, pad 120)':24} {book:8.1f}"
+    )
     for name, mean, last in (("loraft", ours, ours_last), ("loraft, compiled blocks", compiled, compiled_last)):
         print(f"{name:24} {mean:8.1f} {book / mean:7.1f}x {last:11.1f} {book / last:7.1f}x")
     OUT.mkdir(exist_ok=True)

@@ -37,13 +37,21 @@ OUT = Path(__file__).parent / "results"
 
 def transformers_peft(data, tuned: bool) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, DataCollatorWithPadding, LlamaForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        LlamaForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.padding_side = "right"
     torch.manual_seed(123)
-    dequantized = LlamaForSequenceClassification.from_pretrained(str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32)
+    dequantized = LlamaForSequenceClassification.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32
+    )
     # The Trainer refuses a model marked as GGUF-quantized, though its weights are now plain fp32.
     config = dequantized.config
     del config.quantization_config
@@ -59,12 +67,28 @@ def transformers_peft(data, tuned: bool) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, num_train_epochs=EPOCHS, per_device_train_batch_size=8, per_device_eval_batch_size=32,
-            learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
-            bf16=tuned, use_cpu=True, seed=123, train_sampling_strategy="group_by_length" if tuned else "random",
-            save_strategy="no", eval_strategy="no", logging_steps=50, report_to=[], disable_tqdm=True,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=dataset(data.train), data_collator=DataCollatorWithPadding(tokenizer))
+            output_dir=out,
+            num_train_epochs=EPOCHS,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=32,
+            learning_rate=1e-3,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=tuned,
+            use_cpu=True,
+            seed=123,
+            train_sampling_strategy="group_by_length" if tuned else "random",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=50,
+            report_to=[],
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset(data.train), data_collator=DataCollatorWithPadding(tokenizer)
+        )
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -83,7 +107,8 @@ def loraft_run(compile: bool) -> dict:
         "seconds_per_epoch": report["train_seconds"] / EPOCHS,  # compiling included
         "test_accuracy": report["test_accuracy"],
         "tokens_per_second": report["train_tokens_per_second"],
-        "last_epoch_tokens_per_second": (rows[-1]["tokens_seen"] - rows[-2]["tokens_seen"]) / (rows[-1]["train_seconds"] - rows[-2]["train_seconds"]),
+        "last_epoch_tokens_per_second": (rows[-1]["tokens_seen"] - rows[-2]["tokens_seen"])
+        / (rows[-1]["train_seconds"] - rows[-2]["train_seconds"]),
     }
 
 
@@ -97,13 +122,20 @@ def main():
     }
     for run in runs.values():
         run["speedup"] = runs["transformers + PEFT"]["seconds_per_epoch"] / run["seconds_per_epoch"]
-        run["speedup_vs_tuned"] = runs["transformers + PEFT, bf16, grouped"]["seconds_per_epoch"] / run["seconds_per_epoch"]
+        run["speedup_vs_tuned"] = (
+            runs["transformers + PEFT, bf16, grouped"]["seconds_per_epoch"] / run["seconds_per_epoch"]
+        )
     peak = gemm_gflops(torch.bfloat16)
     blocks = build_empty("smollm2-135m").trf_blocks
     linear_weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
-    for name in ("loraft", "loraft --compile"):  # frozen base: forward + input gradients, 2 + 2 FLOPs per weight and token
+    for name in (
+        "loraft",
+        "loraft --compile",
+    ):  # frozen base: forward + input gradients, 2 + 2 FLOPs per weight and token
         runs[name]["fraction_of_bf16_peak"] = 4 * linear_weights * runs[name]["tokens_per_second"] / 1e9 / peak
-        runs[name]["last_epoch_fraction_of_bf16_peak"] = 4 * linear_weights * runs[name]["last_epoch_tokens_per_second"] / 1e9 / peak
+        runs[name]["last_epoch_fraction_of_bf16_peak"] = (
+            4 * linear_weights * runs[name]["last_epoch_tokens_per_second"] / 1e9 / peak
+        )
     result = {
         "benchmark": f"LoRA training, SmolLM2-135M-Instruct (same GGUF), SMS spam, {EPOCHS} epochs, batch 8, rank 16, all linear + head",
         "threads": torch.get_num_threads(),
@@ -111,10 +143,18 @@ def main():
         "runs": runs,
     }
     print(f"bf16 GEMM peak {peak:.0f} GFLOP/s; speedups vs transformers + PEFT with the Trainer's defaults / tuned")
-    print(f"{'':36} {'s/epoch':>8} {'speedup':>8} {'vs tuned':>8} {'test acc':>9} {'of bf16 peak: run / last epoch':>31}")
+    print(
+        f"{'':36} {'s/epoch':>8} {'speedup':>8} {'vs tuned':>8} {'test acc':>9} {'of bf16 peak: run / last epoch':>31}"
+    )
     for name, run in runs.items():
-        fraction = f"{100 * run['fraction_of_bf16_peak']:.0f}% / {100 * run['last_epoch_fraction_of_bf16_peak']:.0f}%" if "fraction_of_bf16_peak" in run else ""
-        print(f"{name:36} {run['seconds_per_epoch']:8.1f} {run['speedup']:7.2f}x {run['speedup_vs_tuned']:7.2f}x {run['test_accuracy']:9.4f} {fraction:>31}")
+        fraction = (
+            f"{100 * run['fraction_of_bf16_peak']:.0f}% / {100 * run['last_epoch_fraction_of_bf16_peak']:.0f}%"
+            if "fraction_of_bf16_peak" in run
+            else ""
+        )
+        print(
+            f"{name:36} {run['seconds_per_epoch']:8.1f} {run['speedup']:7.2f}x {run['speedup_vs_tuned']:7.2f}x {run['test_accuracy']:9.4f} {fraction:>31}"
+        )
     OUT.mkdir(exist_ok=True)
     (OUT / "train_vs_peft.json").write_text(json.dumps(result, indent=2) + "\n")
 

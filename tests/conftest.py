@@ -30,7 +30,9 @@ def hf_smollm2(smollm2_gguf):
     """transformers' LlamaForCausalLM built from the same GGUF: the reference implementation."""
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +50,25 @@ def spam_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("spam") / "run"
     return out, train_classifier(out=out, quiet=True, train=TrainConfig(epochs=1, eval_every=1000))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_weights(tmp_path_factory):
+    """A tiny random GPT-2 checkpoint as transformers writes it (model.safetensors, config.json)."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_sms_tsv(tmp_path_factory):
+    """120 real messages, 60 of each class, as a user TSV file."""
+    lines = [line.split("\t", 1) for line in SMS_FILE.read_text(encoding="utf-8").splitlines()]
+    rows = [row for row in lines if row[0] == "ham"][:60] + [row for row in lines if row[0] == "spam"][:60]
+    path = tmp_path_factory.mktemp("data") / "sms.tsv"
+    path.write_text("label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    return path

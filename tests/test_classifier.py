@@ -5,7 +5,7 @@ import torch
 from loraft.classifier import add_classification_head, classify_logits, length_bucketed_batches
 from loraft.data.classification import collate
 
-from .test_lora import tiny_gpt2, tiny_llama
+from .helpers import tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])

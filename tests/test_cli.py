@@ -1,22 +1,8 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-
-def loraft(*args):
-    return subprocess.run([sys.executable, "-m", "loraft", *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_clear_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("loraft: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from .helpers import assert_clear_error, loraft
 
 
 def test_models_lists_names_and_counts():
@@ -27,7 +13,9 @@ def test_models_lists_names_and_counts():
 
 
 def test_generate_from_a_gguf_path(smollm2_gguf):
-    result = loraft("generate", "--model", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "3")
+    result = loraft(
+        "generate", "--model", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "3"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The capital of France is Paris")
 
@@ -38,14 +26,18 @@ def test_unknown_model_lists_the_valid_ones():
 
 def test_missing_weights(tmp_path):
     missing = tmp_path / "nothing-here"
-    assert_clear_error(loraft("generate", "--model", "gpt2-small", "--weights", str(missing), "--prompt", "x"), str(missing))
+    assert_clear_error(
+        loraft("generate", "--model", "gpt2-small", "--weights", str(missing), "--prompt", "x"), str(missing)
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 100, b'{"not": "a header"}' * 10], ids=["empty", "zeros", "json"])
 def test_corrupt_weights(tmp_path, content):
     file = tmp_path / "model.safetensors"
     file.write_bytes(content)
-    assert_clear_error(loraft("generate", "--model", "gpt2-small", "--weights", str(file), "--prompt", "x"), "safetensors")
+    assert_clear_error(
+        loraft("generate", "--model", "gpt2-small", "--weights", str(file), "--prompt", "x"), "safetensors"
+    )
 
 
 def test_gguf_of_unsupported_architecture(tmp_path):

@@ -10,13 +10,9 @@ import sys
 import pytest
 import torch
 
-from loraft.weights import read_safetensors
+from loraft.files import read_safetensors
 
-from . import test_train
-from .test_cli import loraft
-from .test_train import kill_once_logged, train_args
-
-tiny_gpt2_weights, small_sms_tsv = test_train.tiny_gpt2_weights, test_train.small_sms_tsv  # fixtures
+from .helpers import kill_once_logged, loraft, train_args
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "loraft"]
 
@@ -41,7 +37,10 @@ def test_two_processes_train_the_adapter_of_one_and_resume(tmp_path, tiny_gpt2_w
     assert single.keys() == double.keys()
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
-    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    rows = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]  # one row per evaluation, from process 0 only
     for a, b in zip(*rows):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)

@@ -12,7 +12,7 @@ from loraft.instruct import load_instruct, respond, train_instruct
 from loraft.train import TrainConfig
 
 from .conftest import DATA_DIR
-from .test_cli import assert_clear_error, loraft
+from .helpers import assert_clear_error, loraft
 
 
 def test_answer_scores():
@@ -35,9 +35,14 @@ def trained(tmp_path_factory):
         files[name].write_text(json.dumps(part))
     out = folder / "run"
     report = train_instruct(
-        out=out, data=str(files["train"]), val_file=str(files["val"]), test_file=str(files["test"]), max_new_tokens=24,
-        quiet=True, train=TrainConfig(epochs=2, batch_size=8, eval_every=2),
-    )  # fmt: skip
+        out=out,
+        data=str(files["train"]),
+        val_file=str(files["val"]),
+        test_file=str(files["test"]),
+        max_new_tokens=24,
+        quiet=True,
+        train=TrainConfig(epochs=2, batch_size=8, eval_every=2),
+    )
     return out, report
 
 
@@ -53,7 +58,9 @@ def test_a_short_real_run_lowers_the_validation_loss(trained):
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["task"] == "instruction" and meta["template"] == "alpaca" and meta["max_length"] == 256
     responses = json.loads((out / "test-responses.json").read_text())
-    assert [r["instruction"] for r in responses] == [e["instruction"] for e in json.loads((out.parent / "test.json").read_text())]
+    assert [r["instruction"] for r in responses] == [
+        e["instruction"] for e in json.loads((out.parent / "test.json").read_text())
+    ]
     assert all(set(r) == {"instruction", "input", "expected", "generated", "generated_before"} for r in responses)
     assert report["answers_after"]["count"] == 3 and 0 <= report["answers_after"]["rouge_l"] <= 1
 
@@ -62,16 +69,31 @@ def test_the_saved_adapter_answers_as_the_job_did(trained):
     out, _ = trained
     first = json.loads((out / "test-responses.json").read_text())[0]
     model, tokenizer, meta = load_instruct(out / "adapter")
-    assert respond(model, tokenizer, meta, first["instruction"], first["input"], max_new_tokens=24) == first["generated"]
+    assert (
+        respond(model, tokenizer, meta, first["instruction"], first["input"], max_new_tokens=24) == first["generated"]
+    )
 
-    generated = loraft("generate", "--adapter", str(out / "adapter"), "--instruction", first["instruction"], "--input", first["input"], "--max-new-tokens", "24")
+    generated = loraft(
+        "generate",
+        "--adapter",
+        str(out / "adapter"),
+        "--instruction",
+        first["instruction"],
+        "--input",
+        first["input"],
+        "--max-new-tokens",
+        "24",
+    )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout == first["generated"] + "\n"
 
     chat = subprocess.run(
         [sys.executable, "-m", "loraft", "chat", "--adapter", str(out / "adapter"), "--max-new-tokens", "24"],
-        input="What is the capital of France?\n", capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chat.returncode == 0, chat.stderr
     answer = respond(model, tokenizer, meta, "What is the capital of France?", max_new_tokens=24)
     assert f"> {answer}\n" in chat.stdout
@@ -79,7 +101,9 @@ def test_the_saved_adapter_answers_as_the_job_did(trained):
 
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    assert_clear_error(loraft("instruct", "--data", str(tmp_path / "missing.json"), "--out", str(out)), "data file not found")
+    assert_clear_error(
+        loraft("instruct", "--data", str(tmp_path / "missing.json"), "--out", str(out)), "data file not found"
+    )
     (tmp_path / "bad.json").write_text('{"instruction": "x"')
     assert_clear_error(loraft("instruct", "--data", str(tmp_path / "bad.json"), "--out", str(out)), "is not valid JSON")
     assert not out.exists()

@@ -7,35 +7,9 @@ from torch import nn
 from loraft import lora
 from loraft.adapters import load_adapter, save_adapter
 from loraft.errors import LoraftError
-from loraft.models import gpt2, llama
+from loraft.models import gpt2
 
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=2, hidden_dim=96)
-    return llama.Llama(cfg).eval()
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    return gpt2.GPTModel(gpt2.GPT2Config(vocab_size=300, context_length=64, emb_dim=48, n_heads=4, n_layers=2)).eval()
-
-
-def train_a_few_steps(model, ids, steps=5):
-    """Make B non-zero: a few AdamW steps on the language-modelling loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        logits = model(ids[:, :-1])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-IDS = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+from .helpers import IDS, tiny_gpt2, tiny_llama, train_a_few_steps
 
 
 def test_book_parameter_counts_gpt2_small():
@@ -57,7 +31,9 @@ def test_targets_groups_and_globs(build):
     assert len(lora.expand_targets(model, ["q", "v"])) == 4
     mlp_layers = 3 if build is tiny_llama else 2
     assert len(lora.expand_targets(model, ["all-linear"])) == 2 * (4 + mlp_layers)
-    assert lora.expand_targets(model, ["trf_blocks.1.att.W_*"]) == [f"trf_blocks.1.att.W_{x}" for x in ("query", "key", "value")]
+    assert lora.expand_targets(model, ["trf_blocks.1.att.W_*"]) == [
+        f"trf_blocks.1.att.W_{x}" for x in ("query", "key", "value")
+    ]
     with pytest.raises(LoraftError, match="matches no linear layer"):
         lora.expand_targets(model, ["nothing.here"])
 
@@ -137,7 +113,9 @@ def test_adapter_round_trips_bit_exactly(tmp_path):
     assert meta["label_names"] == ["ham", "spam"] and meta["scaling"] == "rslora"
     assert torch.equal(fresh(IDS), expected)
     save_adapter(fresh, tmp_path / "b")
-    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (
+        tmp_path / "b" / "adapter.safetensors"
+    ).read_bytes()
 
 
 def train_a_few_steps_cls(model):
@@ -159,7 +137,7 @@ def test_wrong_base_and_corrupt_files_fail_clearly(tmp_path):
         load_adapter(tiny_gpt2(), tmp_path / "a")
     with pytest.raises(LoraftError, match="other weights"):
         load_adapter(tiny_llama(seed=1), tmp_path / "a")
-    other_shape = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=1, hidden_dim=96))
+    other_shape = tiny_llama(n_layers=1)
     with pytest.raises(LoraftError, match="other weights"):
         load_adapter(other_shape, tmp_path / "a")
 
@@ -238,7 +216,9 @@ def test_a_head_cannot_have_both_a_lora_and_a_module_to_save():
         lora.apply_lora(other, rank=4, targets=["q", "head"])
 
 
-@pytest.mark.parametrize("bias, dropout, autocast", [(True, 0.0, False), (False, 0.3, False), (True, 0.3, True), (False, 0.0, True)])
+@pytest.mark.parametrize(
+    "bias, dropout, autocast", [(True, 0.0, False), (False, 0.3, False), (True, 0.3, True), (False, 0.0, True)]
+)
 @pytest.mark.parametrize("widths", [(40,), (40, 8, 8)])
 def test_written_out_lora_product_equals_autograd(bias, dropout, autocast, widths):
     """LoRA layers' own forward and backward (LoRAProduct), for one layer and for layers that read

@@ -14,8 +14,10 @@ from torch import nn
 from loraft import lora
 from loraft.adapters import adapter_tensors, load_adapter, save_adapter
 from loraft.errors import LoraftError
-from loraft.models import llama, load_model
+from loraft.models import load_model
 from loraft.peft_format import export_peft, import_peft
+
+from .helpers import tiny_llama
 
 GPT2_CONFIG = dict(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
 GPT2_IDS = torch.randint(1, 1000, (2, 12), generator=torch.Generator().manual_seed(1))  # no 0: the pad id
@@ -136,11 +138,16 @@ def peft_adapter(hf_model, folder, **config):
 @pytest.mark.parametrize("classify", [False, True])
 def test_gpt2_peft_adapter_runs_in_loraft(gpt2_dir, tmp_path, classify):
     peft_model = peft_adapter(
-        hf_gpt2(gpt2_dir, classify), tmp_path / "peft", r=4, lora_alpha=8, fan_in_fan_out=True,
+        hf_gpt2(gpt2_dir, classify),
+        tmp_path / "peft",
+        r=4,
+        lora_alpha=8,
+        fan_in_fan_out=True,
         task_type="SEQ_CLS" if classify else "CAUSAL_LM",
         target_modules=["c_attn", "c_proj", "c_fc"] + ([] if classify else ["lm_head"]),
-        rank_pattern={"c_fc": 2}, alpha_pattern={"c_attn": 3},
-    )  # fmt: skip
+        rank_pattern={"c_fc": 2},
+        alpha_pattern={"c_attn": 3},
+    )
     with torch.no_grad():
         expected = peft_model(GPT2_IDS).logits
     model = our_gpt2(gpt2_dir)
@@ -162,10 +169,16 @@ def test_gpt2_peft_adapter_runs_in_loraft(gpt2_dir, tmp_path, classify):
 
 def test_smollm2_peft_adapter_runs_in_loraft(smollm2, hf_smollm2, tmp_path):
     peft_model = peft_adapter(
-        copy.deepcopy(hf_smollm2), tmp_path / "peft", r=8, lora_alpha=16, use_rslora=True, task_type="CAUSAL_LM",
+        copy.deepcopy(hf_smollm2),
+        tmp_path / "peft",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"o_proj": 4}, alpha_pattern={"down_proj": 4},
-    )  # fmt: skip
+        rank_pattern={"o_proj": 4},
+        alpha_pattern={"down_proj": 4},
+    )
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
     ids = torch.tensor([tokenizer.encode(PROMPT)])
     with torch.no_grad():
@@ -178,9 +191,7 @@ def test_smollm2_peft_adapter_runs_in_loraft(smollm2, hf_smollm2, tmp_path):
 
 
 def tiny_llama_adapter(folder):
-    torch.manual_seed(0)
-    cfg = llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=2, hidden_dim=96)
-    model = llama.Llama(cfg).eval()
+    model = tiny_llama()
     lora.apply_lora(model, rank=4, targets=["q", "v"])
     save_adapter(model, folder / "loraft")
     return export_peft(folder / "loraft", folder / "peft")

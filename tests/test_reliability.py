@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from loraft.errors import LoraftError
 
-from .test_cli import assert_clear_error, loraft
-from .test_train import kill_once_logged, small_sms_tsv, tiny_gpt2_weights, train_args  # noqa: F401 (fixtures)
+from .helpers import assert_clear_error, kill_once_logged, loraft, train_args
 
 
 def strict_json(text: str):
@@ -35,7 +34,9 @@ def start(args, **kwargs):
 def test_non_finite_learning_rates_are_refused_and_a_diverging_run_stops(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     out = tmp_path / "run"
     for flags in (["--lr", "inf"], ["--lr", "nan"], ["--clip", "inf"], ["--warmup", "nan"]):
-        assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)), "must be a finite number")
+        assert_clear_error(
+            loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)), "must be a finite number"
+        )
         assert not out.exists()
 
     diverging = train_args(tiny_gpt2_weights, small_sms_tsv, out, "--lr", "1e3", "--epochs", "3")
@@ -88,7 +89,9 @@ def test_sigterm_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, tiny
 
     out = tmp_path / "stopped"
     process = start(train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags))
-    kill_once_logged(process, out / "metrics.jsonl", rows=4, seconds=240, kill=lambda pid, _: os.kill(pid, signal.SIGTERM))
+    kill_once_logged(
+        process, out / "metrics.jsonl", rows=4, seconds=240, kill=lambda pid, _: os.kill(pid, signal.SIGTERM)
+    )
     assert process.wait(timeout=60) == 128 + signal.SIGTERM, "the run ended before it could be stopped"
     message = process.stderr.read().strip().splitlines()
     assert len(message) == 1 and "stopped by SIGTERM after step" in message[0] and "--resume" in message[0], message
@@ -98,14 +101,18 @@ def test_sigterm_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, tiny
     assert resumed.returncode == 0, resumed.stderr
     adapter = "adapter/adapter.safetensors"
     assert (tmp_path / "whole" / adapter).read_bytes() == (out / adapter).read_bytes()
-    assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == (out / "metrics.jsonl").read_text().count("\n")
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == (out / "metrics.jsonl").read_text().count(
+        "\n"
+    )
 
 
 def test_failing_writes_leave_the_earlier_files_as_they_were(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     out = tmp_path / "run"
     args = train_args(tiny_gpt2_weights, small_sms_tsv, out, "--eval-every", "4")
     process = start(args)
-    kill_once_logged(process, out / "metrics.jsonl", rows=2, seconds=240, kill=lambda pid, _: os.kill(pid, signal.SIGTERM))
+    kill_once_logged(
+        process, out / "metrics.jsonl", rows=2, seconds=240, kill=lambda pid, _: os.kill(pid, signal.SIGTERM)
+    )
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     checkpoint = (out / "checkpoint.pt").read_bytes()
     adapter = (out / "adapter" / "adapter.safetensors").read_bytes()
@@ -115,7 +122,13 @@ def test_failing_writes_leave_the_earlier_files_as_they_were(tmp_path, tiny_gpt2
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     assert len(checkpoint) > 20_000 and len(adapter) > 20_000
-    result = subprocess.run([sys.executable, "-m", "loraft", *args, "--resume"], capture_output=True, text=True, preexec_fn=small_files, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "loraft", *args, "--resume"],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=240,
+    )
     assert_clear_error(result, f"could not write {out}", "File too large", "is unchanged")
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
     assert (out / "adapter" / "adapter.safetensors").read_bytes() == adapter
@@ -130,8 +143,8 @@ def test_failing_writes_leave_the_earlier_files_as_they_were(tmp_path, tiny_gpt2
 def test_non_finite_adapters_are_never_saved_loaded_or_merged(tmp_path):
     from loraft import lora
     from loraft.adapters import load_adapter, save_adapter
+    from loraft.files import read_json, write_json
     from loraft.models import gpt2
-    from loraft.weights import read_json, write_json
 
     def tiny():
         torch.manual_seed(0)
@@ -176,7 +189,11 @@ def test_non_finite_adapters_are_never_saved_loaded_or_merged(tmp_path):
         (lambda m: m.update(max_length=0), "'max_length' must be at least 1, not 0"),
         (lambda m: m.update(modules_to_save={"out_head": {"in_features": 16}}), "modules_to_save['out_head'] needs"),
         (
-            lambda m: m.update(task="classification", label_names=["ham"], modules_to_save={"out_head": {"in_features": 16, "out_features": 2, "bias": False}}),
+            lambda m: m.update(
+                task="classification",
+                label_names=["ham"],
+                modules_to_save={"out_head": {"in_features": 16, "out_features": 2, "bias": False}},
+            ),
             "'label_names' has 1 names; the adapter's head has 2 classes",
         ),
     ],
@@ -184,8 +201,8 @@ def test_non_finite_adapters_are_never_saved_loaded_or_merged(tmp_path):
 def test_a_hand_edited_adapter_json_fails_with_the_key_and_the_file(tmp_path, edit, message):
     from loraft import lora
     from loraft.adapters import read_adapter, save_adapter
+    from loraft.files import read_json, write_json
     from loraft.models import gpt2
-    from loraft.weights import read_json, write_json
 
     model = gpt2.GPTModel(gpt2.GPT2Config(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
     lora.apply_lora(model, 2, 4.0)

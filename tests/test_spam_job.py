@@ -11,7 +11,14 @@ def test_one_epoch_of_lora_makes_a_spam_classifier(spam_run):
     assert report["accuracy_before"]["test"] < 0.75  # a random head: near chance
     assert report["test_accuracy"] >= 0.95
     assert report["parameters"]["trainable"] == 4_885_632  # rank 16 on all linear layers + the 576x2 head
-    for name in ("adapter/adapter.safetensors", "adapter/adapter.json", "metrics.jsonl", "config.json", "loss.png", "accuracy.png"):
+    for name in (
+        "adapter/adapter.safetensors",
+        "adapter/adapter.json",
+        "metrics.jsonl",
+        "config.json",
+        "loss.png",
+        "accuracy.png",
+    ):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["examples_seen"] == 1045 and rows[-1]["epoch"] == 1.0

@@ -6,17 +6,31 @@ import json
 
 import matplotlib.image
 
-from . import test_train
-from .test_cli import assert_clear_error, loraft
-
-tiny_gpt2_weights, small_sms_tsv = test_train.tiny_gpt2_weights, test_train.small_sms_tsv  # fixtures
+from .helpers import assert_clear_error, loraft
 
 
 def sweep_args(weights, data, out, *extra):
     return [
-        "sweep", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
-        "--ranks", "2,4", "--alphas", "8", "--epochs", "2", "--eval-every", "4", "--no-compile", *extra,
-    ]  # fmt: skip
+        "sweep",
+        "--model",
+        "gpt2-small",
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--ranks",
+        "2,4",
+        "--alphas",
+        "8",
+        "--epochs",
+        "2",
+        "--eval-every",
+        "4",
+        "--no-compile",
+        *extra,
+    ]
 
 
 def test_sweep_writes_csv_table_and_plot_and_continues(tmp_path, tiny_gpt2_weights, small_sms_tsv):
@@ -54,7 +68,17 @@ def test_sweep_writes_csv_table_and_plot_and_continues(tmp_path, tiny_gpt2_weigh
         rows_again = list(csv.DictReader(f))
     assert rows_again[0] == rows[0] and rows_again[1]["test_accuracy"] == rows[1]["test_accuracy"]
 
-    assert_clear_error(loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, out, "--lr", "5e-4")), "other settings", "'lr': (0.001, 0.0005)")
-    assert_clear_error(loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", "--ranks", "4,x")), "--ranks takes comma-separated numbers")
-    assert_clear_error(loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", "--alphas", "8,8")), "positive and distinct")
+    assert_clear_error(
+        loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, out, "--lr", "5e-4")),
+        "other settings",
+        "'lr': (0.001, 0.0005)",
+    )
+    assert_clear_error(
+        loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", "--ranks", "4,x")),
+        "--ranks takes comma-separated numbers",
+    )
+    assert_clear_error(
+        loraft(*sweep_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", "--alphas", "8,8")),
+        "positive and distinct",
+    )
     assert not (tmp_path / "bad").exists()

@@ -2,41 +2,17 @@
 the loop's compiled blocks, on a tiny random Llama."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from loraft.train import compiler_found
 
-from .conftest import SMS_FILE
-from .test_cli import assert_clear_error, loraft
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_sms_tsv(tmp_path_factory):
-    """120 real messages, 60 of each class, as a user TSV file."""
-    lines = [line.split("\t", 1) for line in SMS_FILE.read_text(encoding="utf-8").splitlines()]
-    rows = [l for l in lines if l[0] == "ham"][:60] + [l for l in lines if l[0] == "spam"][:60]
-    path = tmp_path_factory.mktemp("data") / "sms.tsv"
-    path.write_text("label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
-    return path
+from .helpers import assert_clear_error, kill_once_logged, loraft, tiny_llama, train_args
 
 
 @pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
@@ -44,12 +20,10 @@ def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager
     from torch._dynamo.utils import counters
 
     from loraft.lora import apply_lora
-    from loraft.models import llama
     from loraft.train import compile_blocks, uncompile_blocks
 
     def lora_llama(alpha):
-        torch.manual_seed(0)
-        model = llama.Llama(llama.LlamaConfig(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=3, hidden_dim=96))
+        model = tiny_llama(n_layers=3).train()
         apply_lora(model, rank=4, alpha=alpha)
         for name, param in model.named_parameters():  # B starts at zero: give A a gradient too
             if "lora_B" in name:
@@ -88,18 +62,15 @@ def test_compiled_blocks_share_one_graph_and_passes_without_gradients_stay_eager
     assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
-def train_args(weights, data, out, *extra, compile=False):
-    return [
-        "train", "--model", "gpt2-small", "--weights", str(weights), "--data", str(data), "--out", str(out),
-        "--epochs", "40", "--eval-every", "4", "--lr", "1e-3", "--rank", "4", "--quiet", *extra,
-    ] + ["--compile" if compile else "--no-compile"]  # fmt: skip
-
-
 @pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     """--compile changes the speed, not the result."""
     for name, compile in (("eager", False), ("compiled", True)):
-        result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / name, "--epochs", "3", "--no-bf16", compile=compile))
+        result = loraft(
+            *train_args(
+                tiny_gpt2_weights, small_sms_tsv, tmp_path / name, "--epochs", "3", "--no-bf16", compile=compile
+            )
+        )
         assert result.returncode == 0, result.stderr
     eager, compiled = (load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in ("eager", "compiled"))
     assert eager.keys() == compiled.keys()
@@ -108,18 +79,10 @@ def test_compiled_training_trains_the_eager_adapter(tmp_path, tiny_gpt2_weights,
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["train"]["compile"] is True
 
 
-def kill_once_logged(process, metrics: Path, rows: int, seconds: float, kill=os.kill):
-    """SIGKILL `process` (`kill=os.killpg`: its whole group) once `metrics` holds `rows` lines; give up
-    after `seconds` or when it ends by itself."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and process.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
-            kill(process.pid, signal.SIGKILL)
-            return
-        time.sleep(0.02)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))],
+)
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights, small_sms_tsv, device):
     """LoRA dropout draws from the device's random numbers: the checkpoint restores them too."""
     flags = ["--device", device, "--dropout", "0.1"]
@@ -127,7 +90,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights,
     assert result.returncode == 0, result.stderr
 
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraft", *train_args(tiny_gpt2_weights, small_sms_tsv, out, *flags)]
+    )
     metrics = out / "metrics.jsonl"
     kill_once_logged(process, metrics, rows=5, seconds=240)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
@@ -152,7 +117,9 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tiny_gpt2_weight
     (tmp_path / "run" / "notes.txt").write_text("mine")
     result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run"))
     assert_clear_error(result, "already holds files", "--resume", "--overwrite")
-    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run", "--overwrite")), "not hold a loraft run")
+    assert_clear_error(
+        loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "run", "--overwrite")), "not hold a loraft run"
+    )
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
@@ -178,7 +145,10 @@ def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_w
     if compiler_found():  # compiling or not may change on resuming: it changes no result
         resumed = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--resume", compile=True))
         assert resumed.returncode == 0, resumed.stderr
-    assert_clear_error(loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--alpha", "64", "--resume")), "'alpha': (16.0, 64.0)")
+    assert_clear_error(
+        loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, run, "--epochs", "1", "--alpha", "64", "--resume")),
+        "'alpha': (16.0, 64.0)",
+    )
 
 
 def test_compile_without_a_compiler_fails_before_writing(tmp_path, monkeypatch, small_sms_tsv):
@@ -188,7 +158,9 @@ def test_compile_without_a_compiler_fails_before_writing(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(train, "compiler_found", lambda: False)
     with pytest.raises(LoraftError, match="--compile needs a C\\+\\+ compiler"):
-        train_classifier(out=tmp_path / "run", data=str(small_sms_tsv), train=train.TrainConfig(compile=True, device="cpu"))
+        train_classifier(
+            out=tmp_path / "run", data=str(small_sms_tsv), train=train.TrainConfig(compile=True, device="cpu")
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -212,10 +184,14 @@ def test_bad_training_data_writes_nothing(tmp_path, tiny_gpt2_weights, name, con
 
 def test_eval_and_classify_with_bad_input(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     out = tmp_path / "run"
-    assert loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--epochs", "2")).returncode == 0  # the last --epochs wins
+    assert (
+        loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--epochs", "2")).returncode == 0
+    )  # the last --epochs wins
     adapter = out / "adapter"
 
-    evaluated = loraft("eval", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv))
+    evaluated = loraft(
+        "eval", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv)
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["count"] == 24
 
@@ -227,7 +203,9 @@ def test_eval_and_classify_with_bad_input(tmp_path, tiny_gpt2_weights, small_sms
     )
     assert_clear_error(loraft("classify", "--adapter", str(tmp_path), "hello"), "not a loraft adapter folder")
     assert_clear_error(loraft("classify", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), ""), "empty")
-    classified = loraft("classify", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "Win a prize now", "see you")
+    classified = loraft(
+        "classify", "--adapter", str(adapter), "--weights", str(tiny_gpt2_weights), "Win a prize now", "see you"
+    )
     assert classified.returncode == 0, classified.stderr
     lines = [json.loads(line) for line in classified.stdout.splitlines()]
     assert [line["text"] for line in lines] == ["Win a prize now", "see you"]
@@ -245,6 +223,8 @@ def test_baseline_methods_train_save_and_load(tmp_path, tiny_gpt2_weights, small
     trained = {"head": 0, "last-block": 16 + 2, "full": None}[method]  # a GPT-2 block has 16 tensors, + final norm
     if trained is not None:
         assert len(meta.get("trained_parameters", [])) == trained
-    evaluated = loraft("eval", "--adapter", str(out / "adapter"), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv))
+    evaluated = loraft(
+        "eval", "--adapter", str(out / "adapter"), "--weights", str(tiny_gpt2_weights), "--data", str(small_sms_tsv)
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert abs(json.loads(evaluated.stdout)["accuracy"] - report["test_accuracy"]) <= 1 / 24

@@ -11,9 +11,10 @@ from torch import nn
 
 from . import __version__
 from .errors import LoraftError
-from .lora import LoRALinear, ModuleToSave, add_module_to_save, adapter_names, adapter_state, apply_lora
+from .files import atomic_write, read_json, read_safetensors, write_json
+from .lora import LoRALinear, ModuleToSave, adapter_names, adapter_state, add_module_to_save, apply_lora
 from .models import architecture_of
-from .weights import atomic_write, read_json, read_safetensors, weights_fingerprint, write_json
+from .weights import weights_fingerprint
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -70,15 +71,35 @@ def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Pat
 
 
 NUMBER, TEXTS = (int, float), "texts"
-KIND_NAMES = {str: "a string", int: "an integer", NUMBER: "a number", bool: "true or false", dict: "an object", TEXTS: "a list of strings"}
+KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    NUMBER: "a number",
+    bool: "true or false",
+    dict: "an object",
+    TEXTS: "a list of strings",
+}
 # adapter.json's keys: (type, required). The LoRA keys are required where the adapter has LoRA layers.
 SCHEMA = {
-    "name": (str, True), "base_model": (str, True), "base_fingerprint": (str, True), "architecture": (str, True),
-    "target_modules": (TEXTS, True), "modules_to_save": (dict, True), "trained_parameters": (TEXTS, False),
-    "rank": (int, False), "alpha": (NUMBER, False), "scaling": (str, False), "dropout": (NUMBER, False),
-    "task": (str, False), "label_names": (TEXTS, False), "template": (str, False), "max_length": (int, False),
-    "pooling": (str, False), "mask_prompt": (bool, False), "seed": (int, False),
-}  # fmt: skip
+    "name": (str, True),
+    "base_model": (str, True),
+    "base_fingerprint": (str, True),
+    "architecture": (str, True),
+    "target_modules": (TEXTS, True),
+    "modules_to_save": (dict, True),
+    "trained_parameters": (TEXTS, False),
+    "rank": (int, False),
+    "alpha": (NUMBER, False),
+    "scaling": (str, False),
+    "dropout": (NUMBER, False),
+    "task": (str, False),
+    "label_names": (TEXTS, False),
+    "template": (str, False),
+    "max_length": (int, False),
+    "pooling": (str, False),
+    "mask_prompt": (bool, False),
+    "seed": (int, False),
+}
 
 
 def check_schema(meta: dict, file: Path):
@@ -101,18 +122,26 @@ def check_schema(meta: dict, file: Path):
     if meta.get("max_length", 1) < 1:
         raise LoraftError(f"{file}: 'max_length' must be at least 1, not {meta['max_length']}")
     for module, spec in meta["modules_to_save"].items():
-        sizes = isinstance(spec, dict) and all(isinstance(spec.get(k), int) and spec[k] > 0 for k in ("in_features", "out_features"))
+        sizes = isinstance(spec, dict) and all(
+            isinstance(spec.get(k), int) and spec[k] > 0 for k in ("in_features", "out_features")
+        )
         if not sizes or not isinstance(spec.get("bias"), bool):
-            raise LoraftError(f"{file}: modules_to_save[{module!r}] needs in_features and out_features (positive integers) and bias (true or false)")
+            raise LoraftError(
+                f"{file}: modules_to_save[{module!r}] needs in_features and out_features (positive integers) and bias (true or false)"
+            )
     head = meta["modules_to_save"].get("out_head")
     if meta.get("task") == "classification" and head and len(meta["label_names"]) != head["out_features"]:
-        raise LoraftError(f"{file}: 'label_names' has {len(meta['label_names'])} names; the adapter's head has {head['out_features']} classes")
+        raise LoraftError(
+            f"{file}: 'label_names' has {len(meta['label_names'])} names; the adapter's head has {head['out_features']} classes"
+        )
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str):
     bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
     if bad:
-        raise LoraftError(f"{what}: {len(bad)} of its {len(tensors)} tensors hold NaN or infinite values ({bad[0]}, ...)")
+        raise LoraftError(
+            f"{what}: {len(bad)} of its {len(tensors)} tensors hold NaN or infinite values ({bad[0]}, ...)"
+        )
 
 
 def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -177,7 +206,9 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
     if meta["target_modules"]:
         apply_lora(model, meta["rank"], meta["alpha"], meta["target_modules"], meta["scaling"], meta["dropout"], name)
     for module_name, spec in meta["modules_to_save"].items():
-        add_module_to_save(model, module_name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]), name)
+        add_module_to_save(
+            model, module_name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]), name
+        )
     with torch.no_grad():
         for param_name in meta.get("trained_parameters", []):
             param = model.get_parameter(param_name)

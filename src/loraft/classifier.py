@@ -12,7 +12,7 @@ from .errors import LoraftError
 from .evaluate import classification_metrics
 from .lora import add_module_to_save
 from .models import model_device
-from .train import bf16_autocast
+from .precision import bf16_autocast
 
 POOLINGS = ("last", "first", "mean")
 
@@ -61,6 +61,11 @@ class TextFormat:
         if room < 1:
             raise LoraftError(f"--max-length {self.max_length} leaves no room for the text beside the template")
         return [before + ids[:room] + after for ids in tokenizer.encode_batch(texts)]
+
+    @classmethod
+    def of_adapter(cls, meta: dict) -> "TextFormat":
+        """The format an adapter was trained with, from its adapter.json."""
+        return cls(meta.get("template", "{text}"), meta["max_length"], meta["pooling"])
 
     def as_dict(self) -> dict:
         return {"template": self.template, "max_length": self.max_length, "pooling": self.pooling}
@@ -113,7 +118,12 @@ class ClassificationTask:
         rng = np.random.default_rng([self.seed, epoch])
         rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
         return [
-            collate([self.train_tokens[i] for i in r], [self.data.train.labels[i] for i in r], self.tokenizer.pad_id, self.fmt.max_length)
+            collate(
+                [self.train_tokens[i] for i in r],
+                [self.data.train.labels[i] for i in r],
+                self.tokenizer.pad_id,
+                self.fmt.max_length,
+            )
             for r in rows
         ]
 
@@ -135,5 +145,7 @@ def evaluate_split(model, tokenizer, split: Split, label_names, fmt: TextFormat,
     model.eval()
     probs = predict_proba(model, tokenizer, split.texts, fmt, autocast=autocast)
     model.train(was_training)
-    loss = nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(split.labels)).item() if len(split) else 0.0
+    loss = (
+        nn.functional.nll_loss(probs.clamp_min(1e-12).log(), torch.tensor(split.labels)).item() if len(split) else 0.0
+    )
     return {"loss": loss, **classification_metrics(split.labels, probs.argmax(-1).tolist(), label_names)}

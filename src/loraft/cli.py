@@ -32,18 +32,28 @@ def cmd_generate(args):
             raise LoraftError("give the instruction with --prompt or --instruction")
         model, tokenizer, meta = load_instruct(args.adapter, args.weights)
         sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-        print_stream(tokenizer, stream_answer(model, tokenizer, meta, instruction, args.input or "", args.max_new_tokens, **sampling))
+        print_stream(
+            tokenizer,
+            stream_answer(model, tokenizer, meta, instruction, args.input or "", args.max_new_tokens, **sampling),
+        )
         return
     if args.instruction or args.input:
-        raise LoraftError("--instruction and --input fill an instruction adapter's template: give --adapter DIR (or the whole text with --prompt)")
+        raise LoraftError(
+            "--instruction and --input fill an instruction adapter's template: give --adapter DIR (or the whole text with --prompt)"
+        )
     if not args.prompt:
         raise LoraftError("give --prompt (or --adapter DIR with --instruction)")
     model, tokenizer = load_model(args.model, args.weights)
     tokens = []
     for token in stream_tokens(
-        model, tokenizer.encode(args.prompt), args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed, stop_ids={tokenizer.eos_id},
-    ):  # fmt: skip
+        model,
+        tokenizer.encode(args.prompt),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_ids={tokenizer.eos_id},
+    ):
         tokens.append(token)
     print(args.prompt + tokenizer.decode(tokens))
 
@@ -64,10 +74,20 @@ def cmd_instruct(args):
     from .instruct import train_instruct
 
     train_instruct(
-        data=args.data, val_file=args.val_file, test_file=args.test_file, template=args.template, mask_prompt=args.mask_prompt,
-        rank=args.rank, alpha=args.alpha, scaling=args.scaling, targets=args.targets, dropout=args.dropout,
-        max_length=args.max_length, max_new_tokens=args.max_new_tokens, **train_options(args),
-    )  # fmt: skip
+        data=args.data,
+        val_file=args.val_file,
+        test_file=args.test_file,
+        template=args.template,
+        mask_prompt=args.mask_prompt,
+        rank=args.rank,
+        alpha=args.alpha,
+        scaling=args.scaling,
+        targets=args.targets,
+        dropout=args.dropout,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        **train_options(args),
+    )
 
 
 def cmd_chat(args):
@@ -76,7 +96,9 @@ def cmd_chat(args):
     if args.max_new_tokens < 1:
         raise LoraftError("--max-new-tokens must be at least 1")
     model, tokenizer, meta = load_instruct(args.adapter, args.weights)
-    print(f"{meta['base_model']} + {args.adapter} ({meta['template']} template). One instruction per line; an empty line or Ctrl-D ends.")
+    print(
+        f"{meta['base_model']} + {args.adapter} ({meta['template']} template). One instruction per line; an empty line or Ctrl-D ends."
+    )
     while True:
         try:
             line = input("> ")
@@ -118,22 +140,54 @@ def train_options(args) -> dict:
     # batches wait on kernel launches, not arithmetic.
     compile = args.compile
     if compile is None:
-        compile = pick_device(args.device).type == "cpu" and compiler_found() and architecture_named(args.model) == "llama"
+        compile = (
+            pick_device(args.device).type == "cpu" and compiler_found() and architecture_named(args.model) == "llama"
+        )
     cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        schedule=args.schedule, grad_accum=args.grad_accum, clip=args.clip, eval_every=args.eval_every, seed=args.seed,
-        bf16=not args.no_bf16, gradient_checkpointing=args.gradient_checkpointing, compile=compile, device=args.device,
-        skip_nonfinite=args.skip_nonfinite, save_every=args.save_every,
-    )  # fmt: skip
-    return dict(train=cfg, out=args.out, model=args.model, weights=args.weights, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        grad_accum=args.grad_accum,
+        clip=args.clip,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        bf16=not args.no_bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        compile=compile,
+        device=args.device,
+        skip_nonfinite=args.skip_nonfinite,
+        save_every=args.save_every,
+    )
+    return dict(
+        train=cfg,
+        out=args.out,
+        model=args.model,
+        weights=args.weights,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
 
 
 def classifier_options(args) -> dict:
     return dict(
-        data=args.data, data_file=args.data_file, text_column=args.text_column, label_column=args.label_column,
-        val_file=args.val_file, test_file=args.test_file, scaling=args.scaling, targets=args.targets,
-        dropout=args.dropout, max_length=args.max_length, pooling=args.pooling, template=args.template, **train_options(args),
-    )  # fmt: skip
+        data=args.data,
+        data_file=args.data_file,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        val_file=args.val_file,
+        test_file=args.test_file,
+        scaling=args.scaling,
+        targets=args.targets,
+        dropout=args.dropout,
+        max_length=args.max_length,
+        pooling=args.pooling,
+        template=args.template,
+        **train_options(args),
+    )
 
 
 def cmd_train(args):
@@ -145,13 +199,22 @@ def cmd_train(args):
 def cmd_sweep(args):
     from .sweep import parse_grid, run_sweep
 
-    run_sweep(parse_grid("--ranks", args.ranks, int), parse_grid("--alphas", args.alphas, float), **classifier_options(args))
+    run_sweep(
+        parse_grid("--ranks", args.ranks, int), parse_grid("--alphas", args.alphas, float), **classifier_options(args)
+    )
 
 
 def cmd_eval(args):
     from .finetune import evaluate_adapter
 
-    print(json.dumps(evaluate_adapter(args.adapter, args.data, args.data_file, args.text_column, args.label_column, args.split, args.weights), indent=2))
+    print(
+        json.dumps(
+            evaluate_adapter(
+                args.adapter, args.data, args.data_file, args.text_column, args.label_column, args.split, args.weights
+            ),
+            indent=2,
+        )
+    )
 
 
 def read_texts(args) -> list[str]:
@@ -169,8 +232,8 @@ def read_texts(args) -> list[str]:
 
 
 def cmd_classify(args):
-    from .classifier import predict_proba
-    from .finetune import load_classifier, text_format
+    from .classifier import TextFormat, predict_proba
+    from .finetune import load_classifier
 
     texts = read_texts(args)
     if not texts:
@@ -178,10 +241,15 @@ def cmd_classify(args):
     if any(not t.strip() for t in texts):
         raise LoraftError("a text to classify is empty")
     model, tokenizer, meta = load_classifier(args.adapter, args.weights)
-    probs = predict_proba(model, tokenizer, texts, text_format(meta), autocast=True)
+    probs = predict_proba(model, tokenizer, texts, TextFormat.of_adapter(meta), autocast=True)
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
-        print(json.dumps({"text": text, "label": meta["label_names"][best], "probabilities": dict(zip(meta["label_names"], p))}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"text": text, "label": meta["label_names"][best], "probabilities": dict(zip(meta["label_names"], p))},
+                ensure_ascii=False,
+            )
+        )
 
 
 def cmd_export_peft(args):
@@ -203,7 +271,14 @@ def cmd_import_peft(args):
         names = args.label_names or [f"class{i}" for i in range(n_classes)]
         if len(names) != n_classes:
             raise LoraftError(f"--label-names gives {len(names)} names; the adapter's head has {n_classes} classes")
-        task = dict(task="classification", label_names=names, template="{text}", max_length=args.max_length, pooling="last", method="lora")
+        task = dict(
+            task="classification",
+            label_names=names,
+            template="{text}",
+            max_length=args.max_length,
+            pooling="last",
+            method="lora",
+        )
     print(f"loraft adapter written to {save_adapter(model, args.out, **task)}")
 
 
@@ -228,7 +303,11 @@ def cmd_serve(args):
         raise LoraftError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
     app = create_app(load_served(folders), Limits(), args.batch_window_ms, args.max_batch)
     host, port = listener.getsockname()[:2]
-    print(f"loraft: serving {', '.join(folders)} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    print(
+        f"loraft: serving {', '.join(folders)} on http://{host}:{port}/ (API docs at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 
@@ -242,7 +321,11 @@ def add_data_flags(parser):
 def add_model_flags(parser):
     from .models import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (see `loraft models`) or a .gguf path; default {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name (see `loraft models`) or a .gguf path; default {DEFAULT_MODEL}",
+    )
     parser.add_argument("--weights", help="GPT-2 only: a local Hugging Face checkpoint (folder or model.safetensors)")
 
 
@@ -269,7 +352,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--rank", type=int, default=0, help="apply LoRA of this rank (0: none)")
     i.add_argument("--alpha", type=float, default=16.0)
     i.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
-    i.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    i.add_argument(
+        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+    )
     i.add_argument("--num-classes", type=int, default=0, help="replace the output head by a classification head")
     i.set_defaults(run=cmd_info)
 
@@ -304,15 +389,28 @@ def parser() -> argparse.ArgumentParser:
 
     from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, TEMPLATES
 
-    n = sub.add_parser("instruct", help="instruction fine-tuning (default: SmolLM2 on the book's 1,100 Alpaca examples, LoRA)")
+    n = sub.add_parser(
+        "instruct", help="instruction fine-tuning (default: SmolLM2 on the book's 1,100 Alpaca examples, LoRA)"
+    )
     add_model_flags(n)
-    n.add_argument("--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file")
+    n.add_argument(
+        "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file"
+    )
     n.add_argument("--val-file")
     n.add_argument("--test-file")
     n.add_argument("--out", default="runs/instruct", help="output folder (default runs/instruct)")
-    n.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES, help=f"the book's Alpaca prompt or the model's chat template (default {DEFAULT_TEMPLATE})")
-    n.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
-                   help="loss on the response tokens only (default; --no-mask-prompt: on the prompt too, as the book)")
+    n.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        choices=TEMPLATES,
+        help=f"the book's Alpaca prompt or the model's chat template (default {DEFAULT_TEMPLATE})",
+    )
+    n.add_argument(
+        "--mask-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="loss on the response tokens only (default; --no-mask-prompt: on the prompt too, as the book)",
+    )
     n.add_argument("--rank", type=int, default=16)
     n.add_argument("--alpha", type=float, default=16.0)
     add_lora_flags(n)
@@ -341,10 +439,18 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(run=cmd_import_peft)
 
     s = sub.add_parser("serve", help="an HTTP API and a web page over one base model with several adapters")
-    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve under NAME (repeat for more)")
+    s.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="an adapter to serve under NAME (repeat for more)",
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    s.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
+    )
     s.add_argument("--max-batch", type=int, default=32, help="most texts in one forward pass (1: no batching)")
     s.set_defaults(run=cmd_serve)
     return p
@@ -359,14 +465,18 @@ def add_classifier_flags(parser):
     add_lora_flags(parser)
     parser.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
     parser.add_argument("--pooling", default="last", choices=["last", "first", "mean"])
-    parser.add_argument("--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'")
+    parser.add_argument(
+        "--template", default="{text}", help="the model's input around each text, e.g. '{text}<|im_end|>'"
+    )
     add_train_flags(parser)
 
 
 def add_lora_flags(parser):
     """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
     parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
-    parser.add_argument("--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs")
+    parser.add_argument(
+        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+    )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
 
 
@@ -382,19 +492,39 @@ def add_train_flags(parser):
     parser.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum)
     parser.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping (0: off)")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="optimizer steps between evaluations/checkpoints")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--save-every", type=int, default=d.save_every, metavar="N",
-                        help="also write a checkpoint every N optimizer steps (default 0: at each evaluation only)")
-    parser.add_argument("--skip-nonfinite", type=int, default=d.skip_nonfinite, metavar="N",
-                        help="skip up to N steps whose loss or gradient is NaN or infinite (default 0: stop at the first)")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default auto: a CUDA GPU when PyTorch finds one)")
-    parser.add_argument("--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower")
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        "--eval-every", type=int, default=d.eval_every, help="optimizer steps between evaluations/checkpoints"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        metavar="N",
+        help="also write a checkpoint every N optimizer steps (default 0: at each evaluation only)",
+    )
+    parser.add_argument(
+        "--skip-nonfinite",
+        type=int,
+        default=d.skip_nonfinite,
+        metavar="N",
+        help="skip up to N steps whose loss or gradient is NaN or infinite (default 0: stop at the first)",
+    )
+    parser.add_argument(
+        "--device", default=d.device, help="cpu, cuda or cuda:N (default auto: a CUDA GPU when PyTorch finds one)"
+    )
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="compute in fp32 (default: bf16 autocast where supported)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, slower"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="torch.compile the transformer blocks (default: for Llama models on a CPU, where a C++ compiler is found); --no-compile: train eager",
-    )  # fmt: skip
+    )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")

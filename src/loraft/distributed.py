@@ -69,4 +69,6 @@ def shard(batch):
     count = len(range(r, n, world))
     rows = slice(r, n, world) if count else slice(0, 1)
     tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return dataclasses.replace(batch, **{k: v[rows] for k, v in tensors.items() if torch.is_tensor(v) and v.dim() and len(v) == n}), count
+    return dataclasses.replace(
+        batch, **{k: v[rows] for k, v in tensors.items() if torch.is_tensor(v) and v.dim() and len(v) == n}
+    ), count

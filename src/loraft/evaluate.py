@@ -32,7 +32,6 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
     return metrics
 
 
-
 # ---------------------------------------------------------------- generated answers
 
 

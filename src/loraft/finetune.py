@@ -15,30 +15,19 @@ from .classifier import ClassificationTask, TextFormat, add_classification_head,
 from .data.classification import ClassificationData, load_classification_data
 from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
+from .files import read_json, write_json
 from .models import DEFAULT_MODEL, load_model
 from .plots import plot_run
+from .precision import bf16_supported, cast_frozen_weights
 from .run_folder import claimed
-from .train import Trainer, TrainConfig, check_config, pick_device
-from .weights import read_json, write_json
+from .train import TrainConfig, Trainer, check_config, pick_device
 
 METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
 
-def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
-    if device.type == "cuda":  # earlier GPUs emulate bf16, slowly
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def cast_frozen_weights(model: nn.Module, dtype):
-    """Store the frozen base weights in `dtype` (bf16 halves memory traffic); trainable ones and the
-    buffers (RoPE tables) keep fp32."""
-    for param in model.parameters():
-        if not param.requires_grad:
-            param.data = param.data.to(dtype)
-
-
-def load_data(data: str, data_file=None, text_column="text", label_column="label", val_file=None, test_file=None, seed=123) -> ClassificationData:
+def load_data(
+    data: str, data_file=None, text_column="text", label_column="label", val_file=None, test_file=None, seed=123
+) -> ClassificationData:
     if data == "sms-spam":
         return load_sms_spam(data_file)
     return load_classification_data(data, text_column, label_column, val_file, test_file, seed)
@@ -63,7 +52,9 @@ def prepare_model(model: nn.Module, method: str, num_classes: int, rank, alpha, 
             if name.startswith("out_head.original."):  # the LM head: a classifier never runs it
                 param.requires_grad_(False)
     lora.adapter_state(model).configs["default"]["trained_parameters"] = [
-        name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name and ".copies." not in name
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in name and ".copies." not in name
     ]
 
 
@@ -120,7 +111,9 @@ def train_classifier(
         if cfg.bf16 and method in ("lora", "head"):
             cast_frozen_weights(base, torch.bfloat16)
         task = ClassificationTask(tokenizer, dataset, fmt, cfg.seed, cfg.bf16)
-        adapter_meta = dict(task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed)
+        adapter_meta = dict(
+            task="classification", label_names=dataset.label_names, **fmt.as_dict(), method=method, seed=cfg.seed
+        )
         out.mkdir(parents=True, exist_ok=True)
         if main:
             write_json(out / "config.json", config)
@@ -135,11 +128,15 @@ def train_classifier(
             before = {name: evaluate(getattr(dataset, name))["accuracy"] for name in ("val", "test")}
             write_json(before_file, before)
 
-        trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
+        trainer = Trainer(
+            base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet
+        )
         if not quiet:
             counts = lora.parameter_summary(base)
-            print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable ({method}); "
-                  f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}")  # fmt: skip
+            print(
+                f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable ({method}); "
+                f"data {dataset.sizes()}; accuracy before training: val {before['val']:.3f}, test {before['test']:.3f}"
+            )
         state = trainer.run(resume)
         if not main:
             return {}  # process 0 saves the adapter, evaluates and reports
@@ -174,10 +171,6 @@ def train_classifier(
         return report
 
 
-def text_format(meta: dict) -> TextFormat:
-    return TextFormat(meta.get("template", "{text}"), meta["max_length"], meta["pooling"])
-
-
 def load_classifier(adapter_dir, weights=None):
     """(model, tokenizer, adapter metadata) ready to classify, the adapter merged for speed."""
     meta, _ = read_adapter(adapter_dir)
@@ -191,7 +184,9 @@ def load_classifier(adapter_dir, weights=None):
     return model, tokenizer, meta
 
 
-def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="text", label_column="label", split="test", weights=None) -> dict:
+def evaluate_adapter(
+    adapter_dir, data="sms-spam", data_file=None, text_column="text", label_column="label", split="test", weights=None
+) -> dict:
     """Metrics of a classification adapter on a split of `data` (the split it was trained with, when
     the seed is the default) or on all of it."""
     from .data.classification import Split, encode_labels, read_labelled_texts, split_by_fractions
@@ -212,4 +207,9 @@ def evaluate_adapter(adapter_dir, data="sms-spam", data_file=None, text_column="
         dataset = ClassificationData(*parts, names)
     chosen = whole if split == "all" else getattr(dataset, split)
     model, tokenizer, meta = load_classifier(adapter_dir, weights)
-    return {"adapter": str(adapter_dir), "data": data, "split": split, **evaluate_split(model, tokenizer, chosen, names, text_format(meta), True)}
+    return {
+        "adapter": str(adapter_dir),
+        "data": data,
+        "split": split,
+        **evaluate_split(model, tokenizer, chosen, names, TextFormat.of_adapter(meta), True),
+    }

@@ -15,16 +15,27 @@ from torch import nn
 from . import lora
 from .adapters import load_adapter, read_adapter, save_adapter
 from .classifier import length_bucketed_batches
-from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, Batch, Example, collate, encode_examples, end_id, format_prompt, load_instruction_data
+from .data.instruction import (
+    BOOK_DATA,
+    DEFAULT_TEMPLATE,
+    Batch,
+    Example,
+    collate,
+    encode_examples,
+    end_id,
+    format_prompt,
+    load_instruction_data,
+)
 from .errors import LoraftError
 from .evaluate import answer_scores
-from .finetune import bf16_supported, cast_frozen_weights, resolved_config
+from .files import read_json, write_json
+from .finetune import resolved_config
 from .generate import stream_tokens
 from .models import DEFAULT_MODEL, load_model, model_device
 from .plots import plot_run
+from .precision import bf16_autocast, bf16_supported, cast_frozen_weights, uses_bf16
 from .run_folder import claimed
-from .train import Trainer, TrainConfig, bf16_autocast
-from .weights import read_json, write_json
+from .train import TrainConfig, Trainer
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +46,6 @@ def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     counted = batch.labels.to(device) != -100
     logits = model.out_head(hidden[counted]).float()
     return nn.functional.cross_entropy(logits, batch.labels.to(device)[counted], reduction="none"), counted
-
-
-def uses_bf16(model: nn.Module) -> bool:
-    return any(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 class InstructionTask:
@@ -55,7 +62,11 @@ class InstructionTask:
         rng = np.random.default_rng([self.seed, epoch])
         rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
         return [
-            collate([self.train_tokens[i] for i in r], self.tokenizer.pad_id, [self.train_prompt_lengths[i] for i in r] if self.mask_prompt else None)
+            collate(
+                [self.train_tokens[i] for i in r],
+                self.tokenizer.pad_id,
+                [self.train_prompt_lengths[i] for i in r] if self.mask_prompt else None,
+            )
             for r in rows
         ]
 
@@ -64,14 +75,25 @@ class InstructionTask:
         return losses.sum() / max(1, losses.numel()), {}
 
     def evaluate(self, model) -> dict:
-        return split_loss(model, self.tokenizer, self.data.val, self.template, self.max_length, self.mask_prompt, self.autocast)
+        return split_loss(
+            model, self.tokenizer, self.data.val, self.template, self.max_length, self.mask_prompt, self.autocast
+        )
 
     def batch_tokens(self, batch: Batch) -> int:
         return int(batch.lengths.sum())
 
 
 @torch.no_grad()
-def split_loss(model, tokenizer, examples: list[Example], template: str, max_length: int, mask_prompt: bool, autocast: bool, batch_size: int = 16) -> dict:
+def split_loss(
+    model,
+    tokenizer,
+    examples: list[Example],
+    template: str,
+    max_length: int,
+    mask_prompt: bool,
+    autocast: bool,
+    batch_size: int = 16,
+) -> dict:
     """Mean loss per counted token (the training objective: prompt and response, or the response
     alone with `mask_prompt`), the loss on the response tokens alone, and their perplexities."""
     was_training = model.training
@@ -95,15 +117,24 @@ def split_loss(model, tokenizer, examples: list[Example], template: str, max_len
     model.train(was_training)
     response_loss = total["response"] / max(1, count["response"])
     loss = response_loss if mask_prompt else total["all"] / max(1, count["all"])
-    return {"loss": loss, "perplexity": math.exp(loss), "response_loss": response_loss, "response_perplexity": math.exp(response_loss)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "response_loss": response_loss,
+        "response_perplexity": math.exp(response_loss),
+    }
 
 
-def stream_answer(model, tokenizer, meta: dict, instruction: str, input: str = "", max_new_tokens: int = 256, **sampling):
+def stream_answer(
+    model, tokenizer, meta: dict, instruction: str, input: str = "", max_new_tokens: int = 256, **sampling
+):
     """Yield the tokens of the model's answer to an instruction (and its input), asked in the
     adapter's template, until its end token; `sampling`: temperature, top_k, seed (default greedy)."""
     template = meta.get("template", DEFAULT_TEMPLATE)
     prompt_ids = tokenizer.encode(format_prompt(instruction, input, template))
-    tokens = stream_tokens(model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling)
+    tokens = stream_tokens(
+        model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling
+    )
     while True:
         with bf16_autocast(model_device(model), uses_bf16(model)):  # bf16 weights need it
             token = next(tokens, None)
@@ -169,7 +200,9 @@ def train_instruct(
         if cfg.bf16:
             cast_frozen_weights(base, torch.bfloat16)
         task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)
-        adapter_meta = dict(task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed)
+        adapter_meta = dict(
+            task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed
+        )
         out.mkdir(parents=True, exist_ok=True)
         if main:
             write_json(out / "config.json", config)
@@ -187,17 +220,23 @@ def train_instruct(
             lora.set_active(base, None)  # the base model alone
             answers = answer(dataset.test)
             before = {
-                "val": measure("val"), "test": measure("test"),
-                "answers": answer_scores(answers, [e.output for e in dataset.test]), "generated": answers,
-            }  # fmt: skip
+                "val": measure("val"),
+                "test": measure("test"),
+                "answers": answer_scores(answers, [e.output for e in dataset.test]),
+                "generated": answers,
+            }
             lora.set_active(base, "default")
             write_json(before_file, before)
 
-        trainer = Trainer(base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet)
+        trainer = Trainer(
+            base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet
+        )
         if not quiet:
             counts = lora.parameter_summary(base)
-            print(f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
-                  f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}")  # fmt: skip
+            print(
+                f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
+                f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}"
+            )
         state = trainer.run(resume)
         if not main:
             return {}  # process 0 saves the adapter, answers the test split and reports
@@ -209,7 +248,13 @@ def train_instruct(
         after["answers"] = answer_scores(answers, [e.output for e in dataset.test])
         generation_seconds = time.perf_counter() - generated_at
         responses = [
-            {"instruction": e.instruction, "input": e.input, "expected": e.output, "generated": a, "generated_before": b}
+            {
+                "instruction": e.instruction,
+                "input": e.input,
+                "expected": e.output,
+                "generated": a,
+                "generated_before": b,
+            }
             for e, a, b in zip(dataset.test, answers, before["generated"])
         ]
         write_json(out / "test-responses.json", responses)
@@ -219,8 +264,12 @@ def train_instruct(
             "template": template,
             "mask_prompt": mask_prompt,
             "sizes": dataset.sizes(),
-            **{f"{split}_{key}_{when}": values[split][key] for when, values in (("before", before), ("after", after))
-               for split in ("val", "test") for key in ("loss", "perplexity", "response_loss", "response_perplexity")},
+            **{
+                f"{split}_{key}_{when}": values[split][key]
+                for when, values in (("before", before), ("after", after))
+                for split in ("val", "test")
+                for key in ("loss", "perplexity", "response_loss", "response_perplexity")
+            },
             "answers_before": before["answers"],
             "answers_after": after["answers"],
             "max_new_tokens": max_new_tokens,
@@ -231,7 +280,7 @@ def train_instruct(
             "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
             "generation_seconds_after": generation_seconds,
             "wall_seconds": time.perf_counter() - started,
-        }  # fmt: skip
+        }
         write_json(out / "report.json", report)
         plots = plot_run(out)
         if not quiet:

@@ -16,9 +16,9 @@ from torch import nn
 
 from .adapters import read_adapter
 from .errors import LoraftError
-from .lora import SCALINGS, LoRALinear, add_module_to_save, adapter_names, apply_lora
+from .files import atomic_write, read_json, read_safetensors, write_json
+from .lora import SCALINGS, LoRALinear, adapter_names, add_module_to_save, apply_lora
 from .models import architecture_of
-from .weights import atomic_write, read_json, read_safetensors, write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,30 +27,63 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 # Per transformer block: each transformers module a LoRA can target, and our modules whose outputs
 # it stacks.
 BLOCKS = {
-    "llama": ("model.layers", {
-        "self_attn.q_proj": ["att.W_query"], "self_attn.k_proj": ["att.W_key"], "self_attn.v_proj": ["att.W_value"],
-        "self_attn.o_proj": ["att.out_proj"],
-        "mlp.gate_proj": ["ff.gate"], "mlp.up_proj": ["ff.up"], "mlp.down_proj": ["ff.down"],
-    }),
-    "gpt2": ("transformer.h", {
-        "attn.c_attn": ["att.W_query", "att.W_key", "att.W_value"], "attn.c_proj": ["att.out_proj"],
-        "mlp.c_fc": ["ff.layers.0"], "mlp.c_proj": ["ff.layers.2"],
-    }),
-}  # fmt: skip
+    "llama": (
+        "model.layers",
+        {
+            "self_attn.q_proj": ["att.W_query"],
+            "self_attn.k_proj": ["att.W_key"],
+            "self_attn.v_proj": ["att.W_value"],
+            "self_attn.o_proj": ["att.out_proj"],
+            "mlp.gate_proj": ["ff.gate"],
+            "mlp.up_proj": ["ff.up"],
+            "mlp.down_proj": ["ff.down"],
+        },
+    ),
+    "gpt2": (
+        "transformer.h",
+        {
+            "attn.c_attn": ["att.W_query", "att.W_key", "att.W_value"],
+            "attn.c_proj": ["att.out_proj"],
+            "mlp.c_fc": ["ff.layers.0"],
+            "mlp.c_proj": ["ff.layers.2"],
+        },
+    ),
+}
 HEADS = {"CAUSAL_LM": "lm_head", "SEQ_CLS": "score"}  # the head's name in ...ForCausalLM / ...ForSequenceClassification
 
 # LoraConfig options that do not change what an adapter adds at inference: bookkeeping, and which
 # modules were chosen (the weights file says that). Every other option must be unset.
 NEUTRAL_OPTIONS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "lora_dropout",
-    "fan_in_fan_out", "bias", "init_lora_weights", "target_modules", "exclude_modules", "modules_to_save",
-    "layers_to_transform", "layers_pattern", "megatron_core", "qalora_group_size",
-}  # fmt: skip
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_dropout",
+    "fan_in_fan_out",
+    "bias",
+    "init_lora_weights",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "megatron_core",
+    "qalora_group_size",
+}
 PEFT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
 # Other initialisations (pissa, olora, corda, loftq, ...) change the base weights the adapter goes with.
 PLAIN_INITS = (True, False, "gaussian")
-KEY = re.compile(r"base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|base_layer\.weight|weight)")
+KEY = re.compile(
+    r"base_model\.model\.(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|base_layer\.weight|weight)"
+)
 
 
 def module_map(architecture: str, n_layers: int, head: str) -> dict[str, list[str]]:
@@ -58,8 +91,9 @@ def module_map(architecture: str, n_layers: int, head: str) -> dict[str, list[st
     prefix, table = BLOCKS[architecture]
     names = {
         f"{prefix}.{i}.{theirs}": [f"trf_blocks.{i}.{ours}" for ours in parts]
-        for i in range(n_layers) for theirs, parts in table.items()
-    }  # fmt: skip
+        for i in range(n_layers)
+        for theirs, parts in table.items()
+    }
     return names | {head: ["out_head"]}
 
 
@@ -75,9 +109,13 @@ def export_peft(adapter_dir, out_dir) -> Path:
     if not targets:
         raise LoraftError(f"adapter {adapter_dir} has no LoRA layers, which a PEFT LoRA adapter needs")
     if meta.get("trained_parameters"):
-        raise LoraftError(f"adapter {adapter_dir} trains base parameters in place, which a PEFT LoRA adapter cannot carry")
+        raise LoraftError(
+            f"adapter {adapter_dir} trains base parameters in place, which a PEFT LoRA adapter cannot carry"
+        )
     if set(heads) - {"out_head"}:
-        raise LoraftError(f"adapter {adapter_dir}: PEFT export takes out_head alone as a trained module, not {sorted(heads)}")
+        raise LoraftError(
+            f"adapter {adapter_dir}: PEFT export takes out_head alone as a trained module, not {sorted(heads)}"
+        )
     if heads and (heads["out_head"]["bias"] or "out_head" in targets):
         raise LoraftError(f"adapter {adapter_dir}: transformers' classification head (score) has no bias and no LoRA")
     task = "SEQ_CLS" if heads else "CAUSAL_LM"
@@ -143,9 +181,13 @@ def read_peft(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(config, dict):
         raise LoraftError(f"{config_file} is not a PEFT adapter config")
     if config.get("peft_type") != "LORA":
-        raise LoraftError(f"{config_file}: PEFT type {config.get('peft_type')!r} is not supported; loraft reads LoRA adapters")
+        raise LoraftError(
+            f"{config_file}: PEFT type {config.get('peft_type')!r} is not supported; loraft reads LoRA adapters"
+        )
     if config.get("task_type") not in (None, *HEADS):
-        raise LoraftError(f"{config_file}: task type {config['task_type']!r} is not supported; loraft reads {list(HEADS)}")
+        raise LoraftError(
+            f"{config_file}: task type {config['task_type']!r} is not supported; loraft reads {list(HEADS)}"
+        )
     if config.get("bias", "none") != "none":
         raise LoraftError(f"{config_file}: bias={config['bias']!r} trains biases, which loraft adapters do not")
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
@@ -204,9 +246,13 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
         elif module == HEADS["SEQ_CLS"]:
             head = tensor.float()
         else:
-            raise LoraftError(f"{peft_dir}: {module} is trained in full; loraft allows that for a classifier's score head alone")
+            raise LoraftError(
+                f"{peft_dir}: {module} is trained in full; loraft allows that for a classifier's score head alone"
+            )
     if task == "SEQ_CLS" and (head is None or "score" in loras):
-        raise LoraftError(f"{peft_dir}: a sequence-classification adapter needs its trained score head, and no LoRA on it")
+        raise LoraftError(
+            f"{peft_dir}: a sequence-classification adapter needs its trained score head, and no LoRA on it"
+        )
 
     planned = {}  # our module -> (A, B, the PEFT scale)
     for module, lora in loras.items():
@@ -236,7 +282,9 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
     scaling, alpha = ("rslora" if config.get("use_rslora") else "standard"), config.get("lora_alpha", PEFT_ALPHA)
     scale = SCALINGS[scaling](alpha, rank)
     if head is not None and (head.dim() != 2 or head.shape[1] != model.config.emb_dim):
-        raise LoraftError(f"{peft_dir}: the score head {tuple(head.shape)} does not fit this model's width {model.config.emb_dim}")
+        raise LoraftError(
+            f"{peft_dir}: the score head {tuple(head.shape)} does not fit this model's width {model.config.emb_dim}"
+        )
 
     apply_lora(model, rank, alpha, list(planned), scaling, config.get("lora_dropout", 0.0), name)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import distributed
 from .errors import LoraftError
-from .weights import read_json
+from .files import read_json
 
 LOCK_FILE = ".loraft.lock"
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "before.json")
@@ -51,7 +51,9 @@ def locked(out: Path):
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise LoraftError(f"{out} is in use by another loraft run (pid {holder}); wait for it, or choose another --out") from None
+                raise LoraftError(
+                    f"{out} is in use by another loraft run (pid {holder}); wait for it, or choose another --out"
+                ) from None
             # The holder before us may have deleted the file while we waited to lock it: lock the new one.
             if os.path.exists(lock_file) and os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
                 break
@@ -76,13 +78,17 @@ def check_out_folder(out: Path, config: dict, resume: bool, overwrite: bool):
         if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
             raise LoraftError(f"--resume: no checkpoint in {out}")
         earlier = read_json(out / "config.json")
-        changed = {k: v for k, v in changed_settings(earlier, config).items() if k not in ("resume", "overwrite", "quiet")}
+        changed = {
+            k: v for k, v in changed_settings(earlier, config).items() if k not in ("resume", "overwrite", "quiet")
+        }
         if changed:
             raise LoraftError(f"--resume: the run in {out} used other settings: {changed} (was, now)")
         return
     if held:
         if not overwrite:
-            raise LoraftError(f"{out} already holds files: continue a run with --resume, or start over with --overwrite")
+            raise LoraftError(
+                f"{out} already holds files: continue a run with --resume, or start over with --overwrite"
+            )
         if not any((out / name).exists() for name in RUN_FILES):
             raise LoraftError(f"--overwrite: {out} does not hold a loraft run; it is left alone")
         for path in held:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from . import distributed
 from .errors import LoraftError
+from .files import atomic_write, read_json, write_json
 from .finetune import train_classifier
 from .run_folder import LOCK_FILE, changed_settings, locked
 from .train import TrainConfig
-from .weights import atomic_write, read_json, write_json
 
 COLUMNS = ("rank", "alpha", "test_accuracy", "val_accuracy", "trainable_parameters", "adapter_bytes", "wall_seconds")
 
@@ -42,10 +42,21 @@ def check_sweep_folder(out: Path, settings: dict, overwrite: bool):
     elif earlier.is_file():
         changed = changed_settings(read_json(earlier), settings)
         if changed:
-            raise LoraftError(f"{out} holds a sweep with other settings: {changed} (was, now); start over with --overwrite")
+            raise LoraftError(
+                f"{out} holds a sweep with other settings: {changed} (was, now); start over with --overwrite"
+            )
 
 
-def run_sweep(ranks: list[int], alphas: list[float], out="runs/sweep", resume=False, overwrite=False, quiet=False, train: TrainConfig | None = None, **options) -> list[dict]:
+def run_sweep(
+    ranks: list[int],
+    alphas: list[float],
+    out="runs/sweep",
+    resume=False,
+    overwrite=False,
+    quiet=False,
+    train: TrainConfig | None = None,
+    **options,
+) -> list[dict]:
     """Train every (rank, alpha) of the grid; write sweep.csv, sweep.md and sweep.png to `out`.
 
     `options` are train_classifier's; `resume` is implied: a sweep always continues."""
@@ -65,19 +76,35 @@ def run_sweep(ranks: list[int], alphas: list[float], out="runs/sweep", resume=Fa
                 else:
                     started = (run / "checkpoint.pt").is_file()
                     report = train_classifier(
-                        out=run, rank=rank, alpha=alpha, resume=started, overwrite=not started, quiet=True, train=train, **options
-                    )  # fmt: skip
+                        out=run,
+                        rank=rank,
+                        alpha=alpha,
+                        resume=started,
+                        overwrite=not started,
+                        quiet=True,
+                        train=train,
+                        **options,
+                    )
                     note = "resumed" if started else "trained"
                 if not distributed.is_main():
                     continue
-                rows.append({
-                    "rank": rank, "alpha": alpha, "test_accuracy": report["test_accuracy"], "val_accuracy": report["val_accuracy"],
-                    "trainable_parameters": report["parameters"]["trainable"], "adapter_bytes": report["adapter_bytes"],
-                    "wall_seconds": round(report["wall_seconds"], 1),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "rank": rank,
+                        "alpha": alpha,
+                        "test_accuracy": report["test_accuracy"],
+                        "val_accuracy": report["val_accuracy"],
+                        "trainable_parameters": report["parameters"]["trainable"],
+                        "adapter_bytes": report["adapter_bytes"],
+                        "wall_seconds": round(report["wall_seconds"], 1),
+                    }
+                )
                 if not quiet:
-                    print(f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
-                          f"{report['wall_seconds']:.0f} s ({note})", flush=True)  # fmt: skip
+                    print(
+                        f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
+                        f"{report['wall_seconds']:.0f} s ({note})",
+                        flush=True,
+                    )
         if distributed.is_main():
             write_results(out, rows)
             if not quiet:

@@ -2,10 +2,11 @@
 (SmolLM2's) through Hugging Face `tokenizers`."""
 
 import tiktoken
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
-from .weights import data_dir
+from .files import data_dir
 
 
 def check_unicode(text: str, where: str = "the text"):
@@ -16,7 +17,9 @@ def check_unicode(text: str, where: str = "the text"):
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
         byte = f", often a byte 0x{code - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= code <= 0xDCFF else ""
-        raise LoraftError(f"{where}, character {e.start + 1}: not valid Unicode (the lone surrogate U+{code:04X}{byte}); give UTF-8 text") from None
+        raise LoraftError(
+            f"{where}, character {e.start + 1}: not valid Unicode (the lone surrogate U+{code:04X}{byte}); give UTF-8 text"
+        ) from None
 
 
 def check_texts(texts: list[str]) -> list[str]:
@@ -67,9 +70,12 @@ def gpt2_encoding() -> tiktoken.Encoding:
         encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     )
     return tiktoken.Encoding(
-        "gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257,
-    )  # fmt: skip
+        "gpt2",
+        pat_str=openai_public.r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 # How llama.cpp splits text before BPE, by the GGUF's `tokenizer.ggml.pre`. "smollm" isolates every
@@ -78,7 +84,10 @@ def gpt2_encoding() -> tiktoken.Encoding:
 PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     ),
 }
 CONTROL_TOKEN = 3  # llama.cpp's token type of special tokens such as <|im_start|>
@@ -89,7 +98,9 @@ class GGUFTokenizer:
 
     def __init__(self, meta: dict):
         if meta.get("tokenizer.ggml.model") != "gpt2":
-            raise LoraftError(f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}: loraft reads byte-level BPE ('gpt2')")
+            raise LoraftError(
+                f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}: loraft reads byte-level BPE ('gpt2')"
+            )
         pre = meta.get("tokenizer.ggml.pre", "gpt2")
         if pre not in PRE_TOKENIZERS:
             raise LoraftError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
@@ -99,7 +110,9 @@ class GGUFTokenizer:
         tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type", [])
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN])
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN]
+        )
         self.tokenizer = tok
         self.name = meta.get("general.name", "gguf")
         self.vocab_size = len(tokens)

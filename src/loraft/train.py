@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import LoraftError
+from .files import atomic_write, json_safe
 from .models import model_device
+from .precision import bf16_autocast
 from .run_folder import changed_settings
-from .weights import atomic_write, json_safe
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -109,7 +110,9 @@ def check_config(cfg: TrainConfig):
     if cfg.weight_decay < 0 or cfg.clip < 0 or not 0 <= cfg.warmup < 1:
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
     if cfg.compile and not compiler_found():
-        raise LoraftError("--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile")
+        raise LoraftError(
+            "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile"
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,10 +132,6 @@ def pick_device(name: str) -> torch.device:
     if device.index is not None and distributed.world_size_requested() > 1:
         raise LoraftError(f"--device {name}: under torchrun every process takes its own GPU; pass --device cuda")
     return device
-
-
-def bf16_autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def is_better(metric: str, row: dict, best: list | None) -> bool:
@@ -239,9 +238,20 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, cfg.schedule)
         )
         self.state = {
-            "epoch": 0, "batch": 0, "step": 0, "examples": 0, "tokens": 0, "train_seconds": 0.0,
-            "loss_sum": 0.0, "correct": 0, "count": 0, "batches_since_eval": 0, "best": None, "best_step": None, "skipped_steps": 0,
-        }  # fmt: skip
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "examples": 0,
+            "tokens": 0,
+            "train_seconds": 0.0,
+            "loss_sum": 0.0,
+            "correct": 0,
+            "count": 0,
+            "batches_since_eval": 0,
+            "best": None,
+            "best_step": None,
+            "skipped_steps": 0,
+        }
         self.best_weights = None
         self.checkpoint_file = self.out / "checkpoint.pt"
         self.checkpoint_step = None
@@ -251,14 +261,14 @@ class Trainer:
 
     def save_checkpoint(self):
         checkpoint = {
-                "params": {n: p.detach().clone() for n, p in self.params.items()},
-                "best_weights": self.best_weights,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "state": dict(self.state),
-                "config": asdict(self.cfg),
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "best_weights": self.best_weights,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "state": dict(self.state),
+            "config": asdict(self.cfg),
         }
         atomic_write(self.checkpoint_file, lambda tmp: torch.save(checkpoint, tmp))
         self.checkpoint_step = self.state["step"]
@@ -339,7 +349,13 @@ class Trainer:
         self.model.train()
         if cfg.compile:
             compile_blocks(self.model)
-        bar = tqdm(total=self.total_steps, initial=s["step"], disable=self.quiet or not self.is_main, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=s["step"],
+            disable=self.quiet or not self.is_main,
+            unit="step",
+            dynamic_ncols=True,
+        )
         with StopSignals(enabled=self.world == 1) as stop:
             while s["epoch"] < cfg.epochs:
                 batches = self.task.train_batches(s["epoch"], cfg.batch_size)

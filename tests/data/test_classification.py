@@ -13,9 +13,11 @@ def write(path, text, encoding="utf-8"):
 
 def test_csv_tsv_jsonl_with_any_number_of_classes(tmp_path):
     rows = [("good film", "pos"), ("awful, really", "neg"), ("it was fine", "neutral")] * 10
-    csv_file = write(tmp_path / "d.csv", "review,sentiment\n" + "".join(f'"{t}",{l}\n' for t, l in rows))
-    tsv_file = write(tmp_path / "d.tsv", "review\tsentiment\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
-    jsonl_file = write(tmp_path / "d.jsonl", "".join(json.dumps({"review": t, "sentiment": l}) + "\n" for t, l in rows))
+    csv_file = write(tmp_path / "d.csv", "review,sentiment\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
+    tsv_file = write(tmp_path / "d.tsv", "review\tsentiment\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
+    jsonl_file = write(
+        tmp_path / "d.jsonl", "".join(json.dumps({"review": t, "sentiment": label}) + "\n" for t, label in rows)
+    )
     for file in (csv_file, tsv_file, jsonl_file):
         data = load_classification_data(file, "review", "sentiment", seed=1)
         assert data.label_names == ["neg", "neutral", "pos"]
@@ -72,7 +74,13 @@ def test_quoted_newlines_unicode_breaks_and_decimal_labels(tmp_path):
     texts = data.train.texts + data.val.texts + data.test.texts
     assert "two\r\nlines" in texts and "odd\u2028break" in texts
     assert data.label_names == ["a", "b", "\u00b2"]
-    jsonl = write(tmp_path / "d.jsonl", "".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n" for t, l in [("a\u2028b", "x"), ("c", "y")] * 10))
+    jsonl = write(
+        tmp_path / "d.jsonl",
+        "".join(
+            json.dumps({"text": t, "label": label}, ensure_ascii=False) + "\n"
+            for t, label in [("a\u2028b", "x"), ("c", "y")] * 10
+        ),
+    )
     assert "a\u2028b" in load_classification_data(jsonl).train.texts
 
 

@@ -4,7 +4,14 @@ import jinja2
 import pytest
 
 from loraft.data import instruction
-from loraft.data.instruction import Example, collate, encode_examples, format_prompt, load_instruction_data, read_examples
+from loraft.data.instruction import (
+    Example,
+    collate,
+    encode_examples,
+    format_prompt,
+    load_instruction_data,
+    read_examples,
+)
 from loraft.errors import LoraftError
 
 from ..conftest import DATA_DIR
@@ -55,7 +62,9 @@ def test_chat_template_renders_as_the_models_own(smollm2):
     assert format_prompt("Rewrite the sentence.", "The cake was eaten by me.", "chat") == expected
     # A training example is the whole conversation up to the answer's <|im_end|>.
     answer = {"role": "assistant", "content": "I ate the cake."}
-    sequences, prompt_lengths = encode_examples(tokenizer, [Example("Rewrite the sentence.", "The cake was eaten by me.", "I ate the cake.")], "chat", 256)
+    sequences, prompt_lengths = encode_examples(
+        tokenizer, [Example("Rewrite the sentence.", "The cake was eaten by me.", "I ate the cake.")], "chat", 256
+    )
     assert tokenizer.decode(sequences[0]) + "\n" == template.render(messages=[question, answer])
     assert tokenizer.decode(sequences[0][: prompt_lengths[0]]) == expected
     with pytest.raises(LoraftError, match="unknown template 'vicuna'"):
@@ -93,7 +102,7 @@ def write(path, text):
 @pytest.mark.parametrize(
     "content,message",
     [
-        ("[{\"instruction\": \"x\", ", "is not valid JSON (line 1"),
+        ('[{"instruction": "x", ', "is not valid JSON (line 1"),
         ('{"instruction": "x", "output": "y"}', "expected a JSON list"),
         ("[]", "holds no examples"),
         ('[{"instruction": "x", "output": "y"}, "text"]', "example 2: expected an object"),

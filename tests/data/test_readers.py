@@ -23,7 +23,10 @@ from loraft.errors import LoraftError
 from loraft.tokenizer import GGUFTokenizer, GPT2Tokenizer, check_unicode
 
 # Function-scoped fixtures (tmp_path) are not reset between a property's examples: each writes its own file.
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI runs the same examples every time, so a failure there reproduces here.
+PROPERTY = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -61,16 +64,23 @@ def test_a_jsonl_key_given_twice_is_refused(tmp_path):
 
 
 def test_an_instruction_key_given_twice_is_refused(tmp_path):
-    path = write(tmp_path / "d.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b", "output": "c"}]')
+    path = write(
+        tmp_path / "d.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b", "output": "c"}]'
+    )
     with pytest.raises(LoraftError, match=r"d.json example 2: the key 'output' is given twice"):
         read_examples(path)
 
 
 def test_a_lone_surrogate_is_refused_with_its_position():
     # Python turns the byte 0xe9 of a Latin-1 argument into U+DCE9 (surrogateescape).
-    with pytest.raises(LoraftError, match=r"^text 2, character 4: not valid Unicode \(the lone surrogate U\+DCE9, often a byte 0xe9 that is not UTF-8\)"):
+    with pytest.raises(
+        LoraftError,
+        match=r"^text 2, character 4: not valid Unicode \(the lone surrogate U\+DCE9, often a byte 0xe9 that is not UTF-8\)",
+    ):
         read_texts(Namespace(input=None, texts=["fine", "caf\udce9"]))
-    with pytest.raises(LoraftError, match=r"^where, character 1: not valid Unicode \(the lone surrogate U\+D800\); give UTF-8 text$"):
+    with pytest.raises(
+        LoraftError, match=r"^where, character 1: not valid Unicode \(the lone surrogate U\+D800\); give UTF-8 text$"
+    ):
         check_unicode("\ud800", "where")
     assert read_texts(Namespace(input=None, texts=["café 😀"])) == ["café 😀"]
 
@@ -128,9 +138,17 @@ def test_the_server_answers_422_to_a_lone_surrogate():
         "g": ServedAdapter("g", Path("g"), {"task": "instruction"}),
     }
     requests = [
-        ("/v1/classify", '{"adapter": "c", "texts": ["fine", "caf\\udce9"]}', "texts[1], character 4: not valid Unicode"),
+        (
+            "/v1/classify",
+            '{"adapter": "c", "texts": ["fine", "caf\\udce9"]}',
+            "texts[1], character 4: not valid Unicode",
+        ),
         ("/v1/generate", '{"adapter": "g", "instruction": "\\ud800"}', "instruction, character 1: not valid Unicode"),
-        ("/v1/generate", '{"adapter": "g", "instruction": "hi", "input": "ab\\udfff"}', "input, character 3: not valid Unicode"),
+        (
+            "/v1/generate",
+            '{"adapter": "g", "instruction": "hi", "input": "ab\\udfff"}',
+            "input, character 3: not valid Unicode",
+        ),
     ]
     with TestClient(create_app(Served(SimpleNamespace(name="none"), None, adapters, False))) as client:
         for path, body, message in requests:
@@ -141,7 +159,9 @@ def test_the_server_answers_422_to_a_lone_surrogate():
 
 def test_a_tab_separated_file_named_csv_gets_a_hint(tmp_path):
     path = write(tmp_path / "d.csv", "text\tlabel\nhello, you\tham\n")
-    with pytest.raises(LoraftError, match=r"d.csv: the header 'text\\tlabel' is one column; it looks tab-separated: name it .tsv"):
+    with pytest.raises(
+        LoraftError, match=r"d.csv: the header 'text\\tlabel' is one column; it looks tab-separated: name it .tsv"
+    ):
         load_classification_data(path)
     path = write(tmp_path / "d.tsv", "text,label\nhi,ham\n")
     with pytest.raises(LoraftError, match=r"it looks comma-separated: name it .csv"):
@@ -205,7 +225,10 @@ def test_hostile_instruction_files(tmp_path, content, message):
     [
         ("", "holds no messages"),
         ("\n  \n", "holds no messages"),
-        ("spam\ta\nspam\tb\nham\tc\n", "1 ham and 2 spam messages: the book's balanced split needs as many ham as spam"),
+        (
+            "spam\ta\nspam\tb\nham\tc\n",
+            "1 ham and 2 spam messages: the book's balanced split needs as many ham as spam",
+        ),
         ("spam\ta\nham\tb\n", "2 balanced messages leave the val split empty"),
         ("Ham\thi\n", "line 1: expected 'ham' or 'spam', a tab, then the message"),
     ],
@@ -220,15 +243,39 @@ def test_hostile_sms_files(tmp_path, content, message):
 TEXT = st.text(max_size=40)  # any Unicode but lone surrogates
 ANY_TEXT = st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=20)
 # Pieces that make a reader's branches likely: separators, quotes, brackets, line breaks, a BOM, bytes that are not UTF-8.
-PIECES = ["text", "label", "instruction", "output", "ham", "spam", ",", "\t", '"', "'", "\n", "\r\n", " ", "{", "}", "[", "]", ":"]
+PIECES = [
+    "text",
+    "label",
+    "instruction",
+    "output",
+    "ham",
+    "spam",
+    ",",
+    "\t",
+    '"',
+    "'",
+    "\n",
+    "\r\n",
+    " ",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+]
 PIECES += ["null", "1", "-0.5e3", "NaN", "true", "\\u", "\\ud800", "\\n", "\ufeff", "é", "\x00"]
 HOSTILE = st.one_of(
     st.binary(max_size=200),
-    st.lists(st.one_of(st.sampled_from([p.encode() for p in PIECES]), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])), max_size=40).map(b"".join),
+    st.lists(
+        st.one_of(st.sampled_from([p.encode() for p in PIECES]), st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])),
+        max_size=40,
+    ).map(b"".join),
 )
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["text", "label", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["text", "label", "x"]), children, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -253,22 +300,35 @@ def test_rows_read_are_the_rows_written(tmp_path, rows, suffix):
 
 
 @PROPERTY
-@given(st.lists(st.text(st.characters(exclude_characters=",\r\n\"'"), max_size=6), min_size=1, max_size=5))
+@given(
+    st.lists(st.text(st.characters(codec="utf-8", exclude_characters=",\r\n\"'"), max_size=6), min_size=1, max_size=5)
+)
 def test_a_header_reads_unless_a_name_repeats(tmp_path, header):
     path = write(tmp_path / "header.csv", ",".join(header) + "\n" + ",".join("v" * len(header)) + "\n")
     names = [name.strip() for name in header if name.strip()]
     rows = loads_or_refuses(read_rows, path)
-    if len(set(names)) < len(names) or (len(header) == 1 and "\t" in header[0]) or header == [""]:  # an empty line has no column
+    if (
+        len(set(names)) < len(names) or (len(header) == 1 and "\t" in header[0]) or header == [""]
+    ):  # an empty line has no column
         assert rows is None
     else:
         assert rows is not None and list(rows[0][1]) == list(dict.fromkeys(header))  # unnamed columns share the name ""
 
 
 @PROPERTY
-@given(st.lists(st.tuples(TEXT.filter(str.strip), st.one_of(TEXT.filter(str.strip), st.integers())), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(TEXT.filter(str.strip), st.one_of(TEXT.filter(str.strip), st.integers())), min_size=1, max_size=8
+    )
+)
 def test_labelled_jsonl_reads_back(tmp_path, rows):
-    path = write(tmp_path / "labelled.jsonl", "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows))
-    assert read_labelled_texts(path, "text", "label") == ([t for t, _ in rows], [str(label).strip() for _, label in rows])
+    path = write(
+        tmp_path / "labelled.jsonl", "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows)
+    )
+    assert read_labelled_texts(path, "text", "label") == (
+        [t for t, _ in rows],
+        [str(label).strip() for _, label in rows],
+    )
 
 
 @PROPERTY
@@ -297,7 +357,13 @@ def test_any_bytes_load_or_refuse_as_sms_data(tmp_path, content):
 
 
 @PROPERTY
-@given(st.lists(st.tuples(st.sampled_from(["ham", "spam"]), TEXT.filter(lambda t: "\n" not in t and t.strip())), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["ham", "spam"]), TEXT.filter(lambda t: "\n" not in t and t.strip())),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_sms_lines_read_back(tmp_path, messages):
     path = write(tmp_path / "SMSSpamCollection", "".join(f"{label}\t{text}\n" for label, text in messages))
     assert read_sms_spam(path) == ([t for _, t in messages], [["ham", "spam"].index(label) for label, _ in messages])
@@ -312,7 +378,11 @@ def test_any_bytes_load_or_refuse_as_instruction_data(tmp_path, content, suffix)
 
 
 @PROPERTY
-@given(st.lists(st.one_of(JSON, st.dictionaries(st.sampled_from(["instruction", "input", "output", "x"]), JSON)), max_size=6))
+@given(
+    st.lists(
+        st.one_of(JSON, st.dictionaries(st.sampled_from(["instruction", "input", "output", "x"]), JSON)), max_size=6
+    )
+)
 def test_any_json_values_load_or_refuse_as_instruction_data(tmp_path, rows):
     examples = loads_or_refuses(read_examples, write(tmp_path / "values.json", json.dumps(rows)))
     if examples is not None:
@@ -332,7 +402,7 @@ def test_instruction_examples_read_back(tmp_path, triples):
 SMOLLM2_MISSING_BYTES = set(b"\x04\x06\x13\x14\x16\x1d\xc0\xc1\xf1\xf2") | set(range(0xF5, 0x100))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(ANY_TEXT)
 def test_the_tokenizers_round_trip_any_text(gpt2, smollm2_tokenizer, text):
     for tokenizer in (gpt2, smollm2_tokenizer):

@@ -24,7 +24,10 @@ def test_download_unzips_and_checks_the_sha256(tmp_path, monkeypatch):
         z.writestr("SMSSpamCollection", SMS_FILE.read_bytes()[:-10])
     with pytest.raises(LoraftError, match="expected sha256"):
         sms_spam.download(tmp_path / "bad")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["SMSSpamCollection", "sms+spam+collection.zip"]  # nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "SMSSpamCollection",
+        "sms+spam+collection.zip",
+    ]  # nothing half-written
 
 
 def test_every_line_is_read():

@@ -6,7 +6,7 @@ from torch import nn
 
 from loraft import lora
 
-from ..test_lora import IDS, tiny_gpt2, tiny_llama, train_a_few_steps
+from ..helpers import IDS, tiny_gpt2, tiny_llama, train_a_few_steps
 
 
 def loss_grads_and_saved_bytes(model, checkpointing: bool):
@@ -14,7 +14,9 @@ def loss_grads_and_saved_bytes(model, checkpointing: bool):
     model.gradient_checkpointing = checkpointing
     model.zero_grad(set_to_none=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
         logits = model(IDS[:, :-1])
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten())
     loss.backward()

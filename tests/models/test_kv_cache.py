@@ -85,4 +85,6 @@ def test_grouped_query_attention_equals_sdpa_on_repeated_keys_in_fp64():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
     assert causal_attention(q, k, v, training=False).allclose(reference[0], rtol=1e-12, atol=1e-12)  # SDPA's own
     # With a cache: the last 4 of 11 positions query all 11 keys.
-    assert causal_attention(q[:, :, -4:], k, v, training=False).allclose(reference[0][:, :, -4:], rtol=1e-12, atol=1e-12)
+    assert causal_attention(q[:, :, -4:], k, v, training=False).allclose(
+        reference[0][:, :, -4:], rtol=1e-12, atol=1e-12
+    )

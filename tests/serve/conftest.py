@@ -38,10 +38,24 @@ def reference(smollm2, spam_run, tmp_path_factory):
         randomize(model, name)
     folder = tmp_path_factory.mktemp("adapters")
     tasks = {
-        "mood": dict(task="classification", label_names=["calm", "upset"], template="{text}", max_length=64, pooling="last", method="lora"),
-        "topics": dict(task="classification", label_names=["money", "plans", "other"], template="Topic of: {text}", max_length=48, pooling="mean", method="lora"),
+        "mood": dict(
+            task="classification",
+            label_names=["calm", "upset"],
+            template="{text}",
+            max_length=64,
+            pooling="last",
+            method="lora",
+        ),
+        "topics": dict(
+            task="classification",
+            label_names=["money", "plans", "other"],
+            template="Topic of: {text}",
+            max_length=48,
+            pooling="mean",
+            method="lora",
+        ),
         "qa": dict(task="instruction", template="alpaca", max_length=256),
-    }  # fmt: skip
+    }
     folders = {"spam": spam_run[0] / "adapter"}
     for name, task in tasks.items():
         folders[name] = save_adapter(model, folder / name, name, **task)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from loraft import lora
-from loraft.classifier import predict_proba
-from loraft.finetune import text_format
+from loraft.classifier import TextFormat, predict_proba
 from loraft.serve.batching import Classify, MicroBatcher
 
 from .conftest import LIMITS
@@ -46,13 +45,15 @@ def test_one_batch_of_mixed_adapters_matches_each_adapter_alone_in_fp32(served, 
     assert stats["forward_passes"] == 2  # spam and mood share one pass; topics (3 classes, mean pooling) its own
     for name, batch in texts.items():
         lora.set_active(model, name)
-        expected = predict_proba(model, served.tokenizer, batch, text_format(served.adapters[name].meta))
+        expected = predict_proba(model, served.tokenizer, batch, TextFormat.of_adapter(served.adapters[name].meta))
         assert served_probs[name].shape == expected.shape
         assert torch.allclose(served_probs[name], expected, atol=0.03), (name, served_probs[name], expected)
 
 
 def test_generate_answers_with_the_instruction_adapter(client):
-    reply = client.post("/v1/generate", json={"adapter": "qa", "instruction": "What is the capital of France?", "max_new_tokens": 12})
+    reply = client.post(
+        "/v1/generate", json={"adapter": "qa", "instruction": "What is the capital of France?", "max_new_tokens": 12}
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["adapter"] == "qa"
     assert "Paris" in reply.json()["response"]
@@ -73,7 +74,9 @@ def test_adapters_health_docs_and_page(client):
     assert after["status"] == "ok" and after["texts"] == before["texts"] + 2
 
     assert "swagger-ui" in client.get("/docs").text
-    assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/healthz"} <= set(client.get("/openapi.json").json()["paths"])
+    assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/healthz"} <= set(
+        client.get("/openapi.json").json()["paths"]
+    )
 
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -89,29 +92,81 @@ GOOD = {"adapter": "spam", "texts": ["hello"]}
 BAD_INPUTS = {
     "not-json": (("POST", "/v1/classify", b'{"texts": ['), 422, "not valid JSON"),
     "not-an-object": (post_json("/v1/classify", ["hello"]), 422, "valid dictionary"),
-    "texts-a-string": (post_json("/v1/classify", {**GOOD, "texts": "hello"}), 422, "texts: Input should be a valid list"),
-    "text-a-number": (post_json("/v1/classify", {**GOOD, "texts": ["hi", 7]}), 422, "texts[1]: Input should be a valid string"),
-    "text-null": (post_json("/v1/classify", {**GOOD, "texts": [None]}), 422, "texts[0]: Input should be a valid string"),
+    "texts-a-string": (
+        post_json("/v1/classify", {**GOOD, "texts": "hello"}),
+        422,
+        "texts: Input should be a valid list",
+    ),
+    "text-a-number": (
+        post_json("/v1/classify", {**GOOD, "texts": ["hi", 7]}),
+        422,
+        "texts[1]: Input should be a valid string",
+    ),
+    "text-null": (
+        post_json("/v1/classify", {**GOOD, "texts": [None]}),
+        422,
+        "texts[0]: Input should be a valid string",
+    ),
     "no-texts": (post_json("/v1/classify", {**GOOD, "texts": []}), 422, "at least one text"),
     "empty-text": (post_json("/v1/classify", {**GOOD, "texts": ["hi", " \n "]}), 422, "texts[1] is empty"),
     "too-many-texts": (post_json("/v1/classify", {**GOOD, "texts": ["hi"] * 5}), 422, "5 texts; the limit is 4"),
-    "text-too-long": (post_json("/v1/classify", {**GOOD, "texts": ["x" * 201]}), 422, "201 characters; the limit is 200"),
+    "text-too-long": (
+        post_json("/v1/classify", {**GOOD, "texts": ["x" * 201]}),
+        422,
+        "201 characters; the limit is 200",
+    ),
     "adapter-missing": (post_json("/v1/classify", {"texts": ["hi"]}), 422, "adapter: Field required"),
-    "adapter-a-number": (post_json("/v1/classify", {**GOOD, "adapter": 3}), 422, "adapter: Input should be a valid string"),
+    "adapter-a-number": (
+        post_json("/v1/classify", {**GOOD, "adapter": 3}),
+        422,
+        "adapter: Input should be a valid string",
+    ),
     "unknown-field": (post_json("/v1/classify", {**GOOD, "text": "hi"}), 422, "text: Extra inputs are not permitted"),
-    "unknown-adapter": (post_json("/v1/classify", {**GOOD, "adapter": "nope"}), 404, "no adapter named 'nope'; loaded: spam, mood, topics, qa"),
-    "classify-with-instruction-adapter": (post_json("/v1/classify", {**GOOD, "adapter": "qa"}), 400, "use /v1/generate"),
+    "unknown-adapter": (
+        post_json("/v1/classify", {**GOOD, "adapter": "nope"}),
+        404,
+        "no adapter named 'nope'; loaded: spam, mood, topics, qa",
+    ),
+    "classify-with-instruction-adapter": (
+        post_json("/v1/classify", {**GOOD, "adapter": "qa"}),
+        400,
+        "use /v1/generate",
+    ),
     "body-too-large": (post_json("/v1/classify", {**GOOD, "texts": ["x" * 190] * 11}), 413, "over 2000 bytes"),
-    "generate-with-classifier": (post_json("/v1/generate", {"adapter": "spam", "instruction": "hi"}), 400, "use /v1/classify"),
-    "generate-empty-instruction": (post_json("/v1/generate", {"adapter": "qa", "instruction": ""}), 422, "instruction is empty"),
+    "generate-with-classifier": (
+        post_json("/v1/generate", {"adapter": "spam", "instruction": "hi"}),
+        400,
+        "use /v1/classify",
+    ),
+    "generate-empty-instruction": (
+        post_json("/v1/generate", {"adapter": "qa", "instruction": ""}),
+        422,
+        "instruction is empty",
+    ),
     "generate-no-instruction": (post_json("/v1/generate", {"adapter": "qa"}), 422, "instruction: Field required"),
-    "generate-input-too-long": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "input": "x" * 201}), 422, "input has 201"),
-    "generate-zero-tokens": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 0}), 422, "between 1 and 16"),
-    "generate-too-many-tokens": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 17}), 422, "between 1 and 16"),
-    "generate-tokens-a-string": (post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": "5"}), 422, "max_new_tokens: Input should be a valid integer"),
+    "generate-input-too-long": (
+        post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "input": "x" * 201}),
+        422,
+        "input has 201",
+    ),
+    "generate-zero-tokens": (
+        post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 0}),
+        422,
+        "between 1 and 16",
+    ),
+    "generate-too-many-tokens": (
+        post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": 17}),
+        422,
+        "between 1 and 16",
+    ),
+    "generate-tokens-a-string": (
+        post_json("/v1/generate", {"adapter": "qa", "instruction": "hi", "max_new_tokens": "5"}),
+        422,
+        "max_new_tokens: Input should be a valid integer",
+    ),
     "get-on-a-post-endpoint": (("GET", "/v1/classify", b""), 405, "Method Not Allowed"),
     "unknown-path": (("GET", "/v2/everything", b""), 404, "Not Found"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("request_, status, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())

@@ -40,11 +40,23 @@ def server_url(served):
 
 @pytest.fixture
 def browser(tmp_path):
-    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), "install the browser: apt-get install -y chromium chromium-driver"
+    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), (
+        "install the browser: apt-get install -y chromium chromium-driver"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,800",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     yield driver

@@ -9,7 +9,7 @@ import pytest
 from loraft.errors import LoraftError
 from loraft.serve.registry import check_adapters, parse_adapter_specs
 
-from ..test_cli import assert_clear_error, loraft
+from ..helpers import assert_clear_error, loraft
 
 
 @pytest.mark.parametrize(
@@ -69,4 +69,6 @@ def test_cli_refuses_a_bad_spec_and_a_busy_port():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert_clear_error(loraft("serve", "--adapter", "spam=x", "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
+        assert_clear_error(
+            loraft("serve", "--adapter", "spam=x", "--port", str(port)), f"cannot listen on 127.0.0.1:{port}"
+        )

@@ -101,7 +101,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     if suffix not in (".csv", ".tsv", ".tab", ".txt"):
         raise LoraftError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
     delimiter = "," if suffix == ".csv" else "\t"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)  # quoted fields keep their newlines
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, strict=True
+    )  # quoted fields keep their newlines
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # the default (128 KiB) would call a long text malformed
     try:
@@ -129,7 +131,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
 def check_header(path, header: list[str], delimiter: str):
     """Refuse a header that would pick a column silently: a name twice (or twice but for spaces around
     it; a dict of the row keeps the last), or a single column holding the other separator."""
-    other, format = ("\t", "tab-separated: name it .tsv") if delimiter == "," else (",", "comma-separated: name it .csv")
+    other, format = (
+        ("\t", "tab-separated: name it .tsv") if delimiter == "," else (",", "comma-separated: name it .csv")
+    )
     if len(header) == 1 and other in header[0]:
         raise LoraftError(f"{path}: the header {header[0]!r} is one column; it looks {format}")
     columns = {}
@@ -148,7 +152,9 @@ def read_labelled_texts(path: Path, text_column: str, label_column: str) -> tupl
     columns = list(rows[0][1])
     for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if column not in columns:
-            raise LoraftError(f"{path} has no column {column!r} (columns: {', '.join(columns)}); choose one with {flag}")
+            raise LoraftError(
+                f"{path} has no column {column!r} (columns: {', '.join(columns)}); choose one with {flag}"
+            )
     texts, labels = [], []
     for number, row in rows:
         text, label = row.get(text_column), row.get(label_column)
@@ -201,7 +207,9 @@ def load_classification_data(
     if len(label_names) < 2:
         raise LoraftError(f"{path} has a single class ({label_names[0]!r}): a classifier needs at least two")
     whole = Split(texts, encode_labels(path, raw, label_names))
-    train, val, test = split_by_fractions(whole, (0.0 if val_file else fractions[0], 0.0 if test_file else fractions[1]), seed)
+    train, val, test = split_by_fractions(
+        whole, (0.0 if val_file else fractions[0], 0.0 if test_file else fractions[1]), seed
+    )
     extra = {}
     for name, file in (("val", val_file), ("test", test_file)):
         if file:
@@ -216,7 +224,9 @@ def check_no_split_empty(sizes: dict[str, int], source, what: str, more: str):
     """A clear error where a split leaves train, validation or test without a single example."""
     empty = [name for name, size in sizes.items() if size == 0]
     if empty:
-        raise LoraftError(f"{source}: {what} leave the {' and '.join(empty)} split empty; give more {more} or --val-file / --test-file")
+        raise LoraftError(
+            f"{source}: {what} leave the {' and '.join(empty)} split empty; give more {more} or --val-file / --test-file"
+        )
 
 
 @dataclass

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ..errors import LoraftError
+from ..files import cache_dir, data_dir, download_checked
 from ..tokenizer import check_unicode
-from ..weights import cache_dir, data_dir, download_checked
 from .classification import check_keys_unique, check_no_split_empty, json_type, parse_json, read_rows, read_text_file
 
 BOOK_DATA = "instruction-data"  # --data name of the book's file
@@ -20,7 +20,9 @@ KEYS = ("instruction", "input", "output")
 
 TEMPLATES = ("alpaca", "chat")
 DEFAULT_TEMPLATE = "alpaca"  # measured against "chat" (README, "Instruction fine-tuning")
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 # SmolLM2-Instruct's chat template (ChatML) puts this system message first when a chat has none.
 CHAT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT_END = "<|im_end|>"
@@ -58,7 +60,9 @@ def book_file() -> Path:
 
 
 def download(target: Path):
-    download_checked(URL, SHA256, target, "instruction-data.json", "pass a local copy with --data FILE.json or set LORAFT_DATA_DIR")
+    download_checked(
+        URL, SHA256, target, "instruction-data.json", "pass a local copy with --data FILE.json or set LORAFT_DATA_DIR"
+    )
 
 
 def read_examples(path) -> list[Example]:
@@ -82,7 +86,9 @@ def read_examples(path) -> list[Example]:
         check_keys_unique(row, f"{path} {where} {number}")
         missing = [key for key in ("instruction", "output") if key not in row]
         if missing:
-            raise LoraftError(f"{path} {where} {number}: missing {' and '.join(repr(k) for k in missing)} (keys: {', '.join(row) or 'none'})")
+            raise LoraftError(
+                f"{path} {where} {number}: missing {' and '.join(repr(k) for k in missing)} (keys: {', '.join(row) or 'none'})"
+            )
         values = {key: row.get(key, "") for key in KEYS}
         for key, value in values.items():
             if not isinstance(value, str):
@@ -130,7 +136,9 @@ def format_prompt(instruction: str, input: str, template: str) -> str:
         return text + "\n\n### Response:\n"
     if template == "chat":
         user = f"{instruction}\n\n{input}" if input else instruction
-        return f"<|im_start|>system\n{CHAT_SYSTEM}{CHAT_END}\n<|im_start|>user\n{user}{CHAT_END}\n<|im_start|>assistant\n"
+        return (
+            f"<|im_start|>system\n{CHAT_SYSTEM}{CHAT_END}\n<|im_start|>user\n{user}{CHAT_END}\n<|im_start|>assistant\n"
+        )
     raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
 
@@ -143,7 +151,9 @@ def end_id(tokenizer, template: str) -> int:
     return tokenizer.eos_id
 
 
-def encode_examples(tokenizer, examples: list[Example], template: str, max_length: int) -> tuple[list[list[int]], list[int]]:
+def encode_examples(
+    tokenizer, examples: list[Example], template: str, max_length: int
+) -> tuple[list[list[int]], list[int]]:
     """Token ids of prompt + response + end token, cut to `max_length`, and each prompt's length.
 
     Prompt and response are encoded apart, as generation sees them: the prompt alone, then the

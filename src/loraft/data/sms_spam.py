@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraftError
-from ..weights import cache_dir, data_dir, download_checked
+from ..files import cache_dir, data_dir, download_checked
 from .classification import ClassificationData, Split, read_text_file
 
 URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -31,7 +31,14 @@ def sms_spam_file(data_file: str | None = None) -> Path:
 
 
 def download(target: Path):
-    download_checked(URL, SHA256, target, "SMSSpamCollection", "pass a local copy with --data-file PATH or set LORAFT_DATA_DIR", zip_member="SMSSpamCollection")
+    download_checked(
+        URL,
+        SHA256,
+        target,
+        "SMSSpamCollection",
+        "pass a local copy with --data-file PATH or set LORAFT_DATA_DIR",
+        zip_member="SMSSpamCollection",
+    )
 
 
 def read_sms_spam(path: Path) -> tuple[list[str], list[int]]:
@@ -57,7 +64,9 @@ def book_split(texts: list[str], labels: list[int]) -> ClassificationData:
     labels_arr = np.array(labels)
     ham, spam = np.flatnonzero(labels_arr == 0), np.flatnonzero(labels_arr == 1)
     if len(ham) < len(spam):  # numpy's choice would fail: "Cannot take a larger sample than population"
-        raise LoraftError(f"the SMS data has {len(ham)} ham and {len(spam)} spam messages: the book's balanced split needs as many ham as spam at least")
+        raise LoraftError(
+            f"the SMS data has {len(ham)} ham and {len(spam)} spam messages: the book's balanced split needs as many ham as spam at least"
+        )
     balanced = np.concatenate([ham[np.random.RandomState(123).choice(len(ham), len(spam), replace=False)], spam])
     order = balanced[np.random.RandomState(123).choice(len(balanced), len(balanced), replace=False)]
     whole = Split([texts[i] for i in order], [labels[i] for i in order])
@@ -76,5 +85,7 @@ def load_sms_spam(data_file: str | None = None) -> ClassificationData:
     empty = [name for name, size in data.sizes().items() if size == 0]
     if empty:
         total = sum(data.sizes().values())
-        raise LoraftError(f"{path}: {total} balanced messages leave the {' and '.join(empty)} split empty; give more spam (10 at least)")
+        raise LoraftError(
+            f"{path}: {total} balanced messages leave the {' and '.join(empty)} split empty; give more spam (10 at least)"
+        )
     return data

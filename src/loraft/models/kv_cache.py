@@ -66,7 +66,9 @@ class CausalAttention(torch.autograd.Function):
             grad_out = grad_out.to(v.dtype).contiguous()
             grad_v = torch.matmul(probs.to(v.dtype).transpose(-2, -1).contiguous(), grad_out)
             grad_probs = torch.matmul(grad_out.to(probs.dtype), v.to(probs.dtype).transpose(-2, -1).contiguous())
-            grad_scores = (probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5).to(q.dtype)
+            grad_scores = (probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5).to(
+                q.dtype
+            )
             grad_q = torch.matmul(grad_scores, k.to(q.dtype))
             grad_k = torch.matmul(grad_scores.transpose(-2, -1).contiguous(), q).to(k.dtype)
             return grad_q, grad_k, grad_v
@@ -95,6 +97,10 @@ def sdpa(q, k, v, dropout_p: float):
     if n_queries == 1:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if n_queries == n_keys:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
+        )
     mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - n_queries)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
+    )

@@ -145,7 +145,9 @@ def create_app(served: Served, limits: Limits = Limits(), window_ms: float = 5.0
             check_text(f"texts[{i}]", text)
         probs = await run(request, Classify(adapter.name, body.texts))
         names = adapter.label_names
-        results = [{"label": names[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(names, p))} for p in probs]
+        results = [
+            {"label": names[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(names, p))} for p in probs
+        ]
         return {"adapter": adapter.name, "results": results}
 
     @app.post("/v1/generate")
@@ -163,7 +165,11 @@ def create_app(served: Served, limits: Limits = Limits(), window_ms: float = 5.0
 
     @app.get("/v1/adapters")
     async def adapters():
-        return {"base_model": served.model.name, "adapters": [a.describe() for a in served.adapters.values()], "limits": asdict(limits)}
+        return {
+            "base_model": served.model.name,
+            "adapters": [a.describe() for a in served.adapters.values()],
+            "limits": asdict(limits),
+        }
 
     @app.get("/healthz")
     async def healthz(request: Request):

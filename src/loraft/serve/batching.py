@@ -8,15 +8,16 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from .. import lora
 from ..classifier import classify_logits
 from ..data.classification import collate
-from ..models import model_device
-from ..train import bf16_autocast
 from ..instruct import respond
+from ..models import model_device
+from ..precision import bf16_autocast
 
 
 @dataclass
@@ -60,7 +61,7 @@ class MicroBatcher:
             if job is None:
                 return
             if isinstance(job, Generate):
-                run(job, lambda: self.generate(job))
+                run(job, partial(self.generate, job))
                 continue
             batch = [job]
             deadline = time.perf_counter() + self.window_s
@@ -111,7 +112,9 @@ class MicroBatcher:
             chunk = [i for i in order[start : start + self.max_batch] if group(i) == group(order[start])]
             start += len(chunk)
             lora.set_per_row(model, [rows[i][0] for i in chunk])
-            batch = collate([token_lists[i] for i in chunk], [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists)))
+            batch = collate(
+                [token_lists[i] for i in chunk], [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists))
+            )
             with bf16_autocast(model_device(model), self.served.bf16):
                 logits = classify_logits(model, batch, group(chunk[0])[0])
             for i, p in zip(chunk, torch.softmax(logits, -1).tolist()):
@@ -122,7 +125,14 @@ class MicroBatcher:
     def generate(self, job: Generate) -> str:
         served = self.served
         lora.set_active(served.model, job.adapter)
-        response = respond(served.model, served.tokenizer, served.adapters[job.adapter].meta, job.instruction, job.input, job.max_new_tokens)
+        response = respond(
+            served.model,
+            served.tokenizer,
+            served.adapters[job.adapter].meta,
+            job.instruction,
+            job.input,
+            job.max_new_tokens,
+        )
         self.stats["generate_requests"] += 1
         return response
 

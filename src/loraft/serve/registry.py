@@ -11,8 +11,8 @@ from torch import nn
 from ..adapters import load_adapter, read_adapter
 from ..classifier import TextFormat
 from ..errors import LoraftError
-from ..finetune import bf16_supported, cast_frozen_weights, text_format
 from ..models import load_model
+from ..precision import bf16_supported, cast_frozen_weights
 
 TASKS = ("classification", "instruction")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -34,7 +34,7 @@ class ServedAdapter:
 
     @cached_property
     def format(self) -> TextFormat:
-        return text_format(self.meta)
+        return TextFormat.of_adapter(self.meta)
 
     def describe(self) -> dict:
         keys = ("task", "label_names", "template", "max_length", "pooling", "method", "rank", "targets", "base_model")
@@ -57,7 +57,9 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
         if not sep or not folder:
             raise LoraftError(f"--adapter {spec!r}: expected NAME=DIR, e.g. spam=runs/sms-spam/adapter")
         if not NAME.fullmatch(name):
-            raise LoraftError(f"--adapter {spec!r}: a name is letters, digits and _ . - (starting with a letter or digit)")
+            raise LoraftError(
+                f"--adapter {spec!r}: a name is letters, digits and _ . - (starting with a letter or digit)"
+            )
         if name in folders:
             raise LoraftError(f"--adapter: the name {name!r} is given twice")
         folders[name] = Path(folder)
@@ -71,7 +73,9 @@ def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
     adapters = {name: ServedAdapter(name, folder, read_adapter(folder)[0]) for name, folder in folders.items()}
     for adapter in adapters.values():
         if adapter.meta.get("task") not in TASKS:
-            raise LoraftError(f"adapter {adapter.name!r} ({adapter.folder}) has task {adapter.meta.get('task')!r}; loraft serves {TASKS}")
+            raise LoraftError(
+                f"adapter {adapter.name!r} ({adapter.folder}) has task {adapter.meta.get('task')!r}; loraft serves {TASKS}"
+            )
         if adapter.meta.get("trained_parameters"):  # the baselines change base weights every adapter shares
             raise LoraftError(
                 f"adapter {adapter.name!r} ({adapter.folder}) changes the base weights (method "

@@ -1,0 +1,102 @@
+"""File helpers: the cache and data folders, checked downloads, writes that never leave a torn file,
+strict JSON and safetensors reading. Nothing here unpickles."""
+
+import hashlib
+import io
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import LoraftError
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LORAFT_CACHE", Path.home() / ".cache" / "loraft"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path | None:
+    """The local data folder (laid out like the project's shared/data), if LORAFT_DATA_DIR names one."""
+    value = os.environ.get("LORAFT_DATA_DIR")
+    return Path(value) if value else None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_checked(
+    url: str, sha256: str, target: Path, what: str, local_copy_hint: str, zip_member: str | None = None
+):
+    """Download `url` (from a zip archive, its member `zip_member`) to `target`, which is written only
+    when its sha256 is `sha256`."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            content = response.read()
+        if zip_member:
+            with zipfile.ZipFile(io.BytesIO(content)) as archive:
+                content = archive.read(zip_member)
+    except Exception as e:
+        raise LoraftError(f"could not download {what} from {url} ({type(e).__name__}); {local_copy_hint}") from None
+    if hashlib.sha256(content).hexdigest() != sha256:
+        raise LoraftError(f"the downloaded {what} does not have the expected sha256 {sha256}")
+    atomic_write(target, lambda tmp: tmp.write_bytes(content))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise LoraftError(f"file not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraftError(f"{path} is truncated or corrupt: not a readable safetensors file ({e})") from None
+
+
+def atomic_write(path: Path, write):
+    """Write through `write(tmp)` then rename: an interruption or a failed write (a full disk, a
+    read-only folder) leaves the old file as it was, and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise LoraftError(f"could not write {path} ({reason}); the file there before, if any, is unchanged") from None
+
+
+def json_safe(value):
+    """`value` with NaN and infinities as null: JSON has no such numbers, and bare NaN breaks its readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value):
+    text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoraftError(f"{path} is not valid JSON ({e})") from None
