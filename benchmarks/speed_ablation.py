@@ -26,7 +26,7 @@ from loraft.classifier import ClassificationTask, TextFormat
 from loraft.data.sms_spam import load_sms_spam
 from loraft.finetune import prepare_model
 from loraft.lora import LoRALinear
-from loraft.models import ARCHITECTURES, architecture_of, gpt2, kv_cache, llama, load_model
+from loraft.models import family_of, gpt2, kv_cache, llama, load_model
 from loraft.precision import cast_frozen_weights
 from loraft.tokenizer import GPT2Tokenizer
 from loraft.train import compile_blocks
@@ -110,7 +110,7 @@ def main():
             for block, forward in compiled_forwards.items():
                 block.forward = forward
 
-    architecture = ARCHITECTURES[architecture_of(model)]
+    architecture = sys.modules[family_of(model).model.__module__]  # the family's file, whose helpers are patched
     pieces = {
         "LoRAProduct (LoRA forward and backward written out)": lambda: mock.patch.object(
             LoRALinear, "fast_adapter", lambda self: None

@@ -58,7 +58,7 @@ def test_corrupt_gguf(tmp_path):
     assert_clear_error(loraft("generate", "--model", str(path), "--prompt", "x"), "GGUF")
 
 
-def test_compiling_by_default_only_where_it_pays(tmp_path, monkeypatch):
+def test_compiling_by_default_only_where_it_pays(smollm2_gguf, monkeypatch):
     """Llama blocks on a CPU (their elementwise chains fuse), not GPT-2's (one kernel each already);
     --compile and --no-compile decide."""
     from loraft import train
@@ -67,8 +67,7 @@ def test_compiling_by_default_only_where_it_pays(tmp_path, monkeypatch):
     def compiles(*flags):
         return train_options(parser().parse_args(["train", "--device", "cpu", *flags]))["train"].compile
 
-    a_gguf = tmp_path / "model.gguf"
-    a_gguf.write_bytes(b"")
+    a_gguf = smollm2_gguf  # a GGUF file's family is read from its metadata
     monkeypatch.setattr(train, "compiler_found", lambda: True)
     assert compiles("--model", "smollm2-135m") and compiles("--model", str(a_gguf))
     assert not compiles("--model", "gpt2-small")

@@ -13,7 +13,7 @@ from . import __version__
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
 from .lora import LoRALinear, ModuleToSave, adapter_names, adapter_state, add_module_to_save, apply_lora
-from .models import architecture_of
+from .models import family_of
 from .weights import weights_fingerprint
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -58,7 +58,7 @@ def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Pat
         "name": name,
         "base_model": getattr(model, "name", "unknown"),
         "base_fingerprint": base_fingerprint(model),
-        "architecture": architecture_of(model),
+        "architecture": family_of(model).name,
         "base_config": vars(model.config),
         **state.configs[name],
         **task,
@@ -162,7 +162,7 @@ def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], folder):
     """Fail, before anything on the model changes, if the adapter was made for another base."""
-    here = architecture_of(model)
+    here = family_of(model).name
     if meta["architecture"] != here:
         raise LoraftError(
             f"adapter {folder} was trained on {meta['base_model']} ({meta['architecture']}); this model is {here}"

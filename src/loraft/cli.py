@@ -129,19 +129,15 @@ def cmd_info(args):
 
 
 def train_options(args) -> dict:
-    from .models import architecture_named
+    from .models import family_to_load
     from .train import TrainConfig, compiler_found, pick_device
 
-    # By default loraft compiles where it pays: Llama blocks on a CPU, whose RMSNorm, RoPE and SwiGLU
-    # run eager as chains of small kernels (steady-state steps 1.14-1.21x faster, speed_ablation.py);
-    # not GPT-2's, whose layer norm and GELU are one kernel each already (1.03x; over the book's 5
-    # epochs compiled took 38.3 s per epoch with its compiling, eager 35.5 s: train_vs_book.py); nor on
-    # an H100, where the default spam job trained in 150 s compiled against 86 s eager: its small
-    # batches wait on kernel launches, not arithmetic.
+    # By default loraft compiles where it pays (benchmarks/speed_ablation.py, train_vs_book.py): on a CPU,
+    # for the families that say so; not on a GPU, where small batches wait on kernel launches, not arithmetic.
     compile = args.compile
     if compile is None:
         compile = (
-            pick_device(args.device).type == "cpu" and compiler_found() and architecture_named(args.model) == "llama"
+            pick_device(args.device).type == "cpu" and compiler_found() and family_to_load(args.model).compile_on_cpu
         )
     cfg = TrainConfig(
         epochs=args.epochs,

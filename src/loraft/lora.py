@@ -226,9 +226,7 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Module names of the nn.Linear layers (or LoRA-wrapped ones) that `targets` select."""
-    from .models import lora_target_groups
-
-    groups = lora_target_groups(model)
+    groups = getattr(model, "lora_targets", {})
     patterns = []
     for target in targets:
         for name in TARGET_ALIASES.get(target, [target]):

@@ -18,37 +18,13 @@ from .adapters import read_adapter
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
 from .lora import SCALINGS, LoRALinear, adapter_names, add_module_to_save, apply_lora
-from .models import architecture_of
+from .models import family_named, family_of
+from .models.family import Family
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 
-# Per transformer block: each transformers module a LoRA can target, and our modules whose outputs
-# it stacks.
-BLOCKS = {
-    "llama": (
-        "model.layers",
-        {
-            "self_attn.q_proj": ["att.W_query"],
-            "self_attn.k_proj": ["att.W_key"],
-            "self_attn.v_proj": ["att.W_value"],
-            "self_attn.o_proj": ["att.out_proj"],
-            "mlp.gate_proj": ["ff.gate"],
-            "mlp.up_proj": ["ff.up"],
-            "mlp.down_proj": ["ff.down"],
-        },
-    ),
-    "gpt2": (
-        "transformer.h",
-        {
-            "attn.c_attn": ["att.W_query", "att.W_key", "att.W_value"],
-            "attn.c_proj": ["att.out_proj"],
-            "mlp.c_fc": ["ff.layers.0"],
-            "mlp.c_proj": ["ff.layers.2"],
-        },
-    ),
-}
 HEADS = {"CAUSAL_LM": "lm_head", "SEQ_CLS": "score"}  # the head's name in ...ForCausalLM / ...ForSequenceClassification
 
 # LoraConfig options that do not change what an adapter adds at inference: bookkeeping, and which
@@ -86,13 +62,12 @@ KEY = re.compile(
 )
 
 
-def module_map(architecture: str, n_layers: int, head: str) -> dict[str, list[str]]:
+def module_map(family: Family, n_layers: int, head: str) -> dict[str, list[str]]:
     """transformers module name -> the names of our modules stacked in its output."""
-    prefix, table = BLOCKS[architecture]
     names = {
-        f"{prefix}.{i}.{theirs}": [f"trf_blocks.{i}.{ours}" for ours in parts]
+        f"{family.hf_blocks}.{i}.{theirs}": [f"trf_blocks.{i}.{ours}" for ours in parts]
         for i in range(n_layers)
-        for theirs, parts in table.items()
+        for theirs, parts in family.hf_modules.items()
     }
     return names | {head: ["out_head"]}
 
@@ -119,7 +94,8 @@ def export_peft(adapter_dir, out_dir) -> Path:
     if heads and (heads["out_head"]["bias"] or "out_head" in targets):
         raise LoraftError(f"adapter {adapter_dir}: transformers' classification head (score) has no bias and no LoRA")
     task = "SEQ_CLS" if heads else "CAUSAL_LM"
-    modules = module_map(meta["architecture"], meta["base_config"]["n_layers"], HEADS[task])
+    family = family_named(meta["architecture"], str(adapter_dir))
+    modules = module_map(family, meta["base_config"]["n_layers"], HEADS[task])
     unmapped = set(targets) - {name for parts in modules.values() for name in parts}
     if unmapped:
         raise LoraftError(f"adapter {adapter_dir}: transformers has no module for the LoRA on {sorted(unmapped)}")
@@ -156,7 +132,7 @@ def export_peft(adapter_dir, out_dir) -> Path:
         "modules_to_save": ["score"] if heads else None,
         "lora_dropout": meta["dropout"],
         "bias": "none",
-        "fan_in_fan_out": meta["architecture"] == "gpt2",  # transformers' GPT-2 layers are Conv1D, (in, out)
+        "fan_in_fan_out": family.hf_conv1d,
         "inference_mode": True,
     }
     out = Path(out_dir)
@@ -226,9 +202,9 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
     config, tensors = read_peft(peft_dir)
     if name in adapter_names(model):
         raise LoraftError(f"an adapter named {name!r} is already loaded")
-    architecture = architecture_of(model)
+    family = family_of(model)
     task = config.get("task_type") or "CAUSAL_LM"
-    modules = module_map(architecture, model.config.n_layers, HEADS[task])
+    modules = module_map(family, model.config.n_layers, HEADS[task])
     loras, head = {}, None
     for key, tensor in tensors.items():
         match = KEY.fullmatch(key)
@@ -239,7 +215,7 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
             continue  # PEFT's copy of a targeted head's base weight; ours is the model's own
         if module not in modules:
             raise LoraftError(
-                f"{peft_dir}: {module} has no counterpart in this {architecture} model (was the adapter made for another model?)"
+                f"{peft_dir}: {module} has no counterpart in this {family.name} model (was the adapter made for another model?)"
             )
         if part != "weight":
             loras.setdefault(module, {})[part.removesuffix(".weight")] = tensor.float()

@@ -112,20 +112,35 @@ def smollm2_gguf() -> Path:
     return cached
 
 
-def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata (plus the list of tensor names) and every tensor dequantised to `dtype`."""
+def gguf_reader(path: Path):
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     path = Path(path)
     if not path.is_file():
         raise LoraftError(f"GGUF file not found: {path}")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)  # maps the file: nothing is read until asked for
     except Exception as e:  # the gguf package raises ValueError, struct errors, ... on a bad file
         raise LoraftError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_metadata(reader) -> dict:
+    """Metadata, plus the list of tensor names."""
     meta = {name: field.contents() for name, field in reader.fields.items()}
     meta["tensor_names"] = [t.name for t in reader.tensors]
+    return meta
+
+
+def read_gguf_metadata(path: Path) -> dict:
+    return gguf_metadata(gguf_reader(path))
+
+
+def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata (plus the list of tensor names) and every tensor dequantised to `dtype`."""
+    from gguf.quants import dequantize
+
+    reader = gguf_reader(path)
+    meta = gguf_metadata(reader)
     tensors = {}
     for t in reader.tensors:
         try:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..lora import shared_input_linears
+from .family import Family
 from .kv_cache import LayerCache, causal_attention
 
 
@@ -89,7 +90,20 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+# Module-name patterns of each LoRA target group (see loraft.lora).
+LORA_TARGETS = {
+    "q": ["trf_blocks.*.att.W_query"],
+    "k": ["trf_blocks.*.att.W_key"],
+    "v": ["trf_blocks.*.att.W_value"],
+    "o": ["trf_blocks.*.att.out_proj"],
+    "mlp": ["trf_blocks.*.ff.layers.0", "trf_blocks.*.ff.layers.2"],
+    "head": ["out_head"],
+}
+
+
 class GPTModel(nn.Module):
+    lora_targets = LORA_TARGETS  # read by loraft.lora, which knows no model family
+
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.config = cfg
@@ -123,16 +137,6 @@ class GPTModel(nn.Module):
     def forward(self, input_ids, cache: list[LayerCache] | None = None):
         return self.out_head(self.hidden_states(input_ids, cache))
 
-
-# Module-name patterns of each LoRA target group (see loraft.lora).
-LORA_TARGETS = {
-    "q": ["trf_blocks.*.att.W_query"],
-    "k": ["trf_blocks.*.att.W_key"],
-    "v": ["trf_blocks.*.att.W_value"],
-    "o": ["trf_blocks.*.att.out_proj"],
-    "mlp": ["trf_blocks.*.ff.layers.0", "trf_blocks.*.ff.layers.2"],
-    "head": ["out_head"],
-}
 
 SIZES = {
     "gpt2-small": GPT2Config(emb_dim=768, n_heads=12, n_layers=12),
@@ -186,3 +190,21 @@ def config_from_hf(hf_config: dict) -> GPT2Config:
         n_heads=hf_config["n_head"],
         n_layers=hf_config["n_layer"],
     )
+
+
+FAMILY = Family(
+    name="gpt2",
+    model=GPTModel,
+    config=GPT2Config,
+    hf_blocks="transformer.h",
+    hf_modules={
+        "attn.c_attn": ["att.W_query", "att.W_key", "att.W_value"],
+        "attn.c_proj": ["att.out_proj"],
+        "mlp.c_fc": ["ff.layers.0"],
+        "mlp.c_proj": ["ff.layers.2"],
+    },
+    hf_conv1d=True,
+    hf_model_types=("gpt2",),
+    config_from_hf=config_from_hf,
+    from_hf_state_dict=from_hf_state_dict,
+)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import LoraftError
 from ..lora import shared_input_linears
+from .family import Family
 from .kv_cache import LayerCache, causal_attention
 
 
@@ -92,7 +94,20 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+# Module-name patterns of each LoRA target group (see loraft.lora).
+LORA_TARGETS = {
+    "q": ["trf_blocks.*.att.W_query"],
+    "k": ["trf_blocks.*.att.W_key"],
+    "v": ["trf_blocks.*.att.W_value"],
+    "o": ["trf_blocks.*.att.out_proj"],
+    "mlp": ["trf_blocks.*.ff.gate", "trf_blocks.*.ff.up", "trf_blocks.*.ff.down"],
+    "head": ["out_head"],
+}
+
+
 class Llama(nn.Module):
+    lora_targets = LORA_TARGETS  # read by loraft.lora, which knows no model family
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
@@ -103,7 +118,8 @@ class Llama(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.emb_dim // cfg.n_heads, cfg.context_length, cfg.rope_base)
+        with torch.device("cpu"):  # real even when the model is built on the meta device to be loaded
+            cos, sin = rope_tables(cfg.emb_dim // cfg.n_heads, cfg.context_length, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -130,16 +146,6 @@ class Llama(nn.Module):
     def forward(self, input_ids, cache: list[LayerCache] | None = None):
         return self.out_head(self.hidden_states(input_ids, cache))
 
-
-# Module-name patterns of each LoRA target group (see loraft.lora).
-LORA_TARGETS = {
-    "q": ["trf_blocks.*.att.W_query"],
-    "k": ["trf_blocks.*.att.W_key"],
-    "v": ["trf_blocks.*.att.W_value"],
-    "o": ["trf_blocks.*.att.out_proj"],
-    "mlp": ["trf_blocks.*.ff.gate", "trf_blocks.*.ff.up", "trf_blocks.*.ff.down"],
-    "head": ["out_head"],
-}
 
 GGUF_NAMES = {
     "attn_norm": "norm1.weight",
@@ -192,3 +198,73 @@ def config_from_gguf(meta: dict) -> LlamaConfig:
         norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
         tie_embeddings="output.weight" not in meta["tensor_names"],
     )
+
+
+HF_NAMES = {
+    "input_layernorm": "norm1",
+    "self_attn.q_proj": "att.W_query",
+    "self_attn.k_proj": "att.W_key",
+    "self_attn.v_proj": "att.W_value",
+    "self_attn.o_proj": "att.out_proj",
+    "post_attention_layernorm": "norm2",
+    "mlp.gate_proj": "ff.gate",
+    "mlp.up_proj": "ff.up",
+    "mlp.down_proj": "ff.down",
+}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Our state dict from a Hugging Face LlamaForCausalLM checkpoint (the same RoPE layout as ours)."""
+    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "final_norm.weight": hf["model.norm.weight"]}
+    for i in range(cfg.n_layers):
+        for theirs, ours in HF_NAMES.items():
+            sd[f"trf_blocks.{i}.{ours}.weight"] = hf[f"model.layers.{i}.{theirs}.weight"]
+    sd["out_head.weight"] = hf.get("lm_head.weight", sd["tok_emb.weight"])
+    return sd
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """Our config from a Llama config.json; options our Llama does not implement are refused, not ignored."""
+    emb_dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    unsupported = {
+        "a RoPE scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
+        "attention_bias": hf.get("attention_bias", False),
+        "mlp_bias": hf.get("mlp_bias", False),
+        "head_dim": hf.get("head_dim", emb_dim // n_heads) != emb_dim // n_heads,
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+    }
+    named = [name for name, value in unsupported.items() if value]
+    if named:
+        raise LoraftError(f"this Llama config.json sets {', '.join(named)}, which loraft's Llama does not implement")
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        context_length=hf["max_position_embeddings"],
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        n_layers=hf["num_hidden_layers"],
+        hidden_dim=hf["intermediate_size"],
+        rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+FAMILY = Family(
+    name="llama",
+    model=Llama,
+    config=LlamaConfig,
+    hf_blocks="model.layers",
+    hf_modules={theirs: [ours] for theirs, ours in HF_NAMES.items() if "layernorm" not in theirs},
+    hf_conv1d=False,
+    hf_model_types=("llama",),
+    config_from_hf=config_from_hf,
+    from_hf_state_dict=from_hf_state_dict,
+    # RMSNorm, RoPE and SwiGLU run eager as chains of small kernels, which compiling fuses
+    compile_on_cpu=True,
+    gguf_architectures=("llama",),
+    config_from_gguf=config_from_gguf,
+    from_gguf_tensors=from_gguf_tensors,
+)
