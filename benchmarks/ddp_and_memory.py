@@ -75,13 +75,14 @@ def one_step(checkpointing: bool) -> dict:
     from loraft.classifier import classify_logits
     from loraft.data.classification import Batch
     from loraft.finetune import prepare_model
+    from loraft.lora import LoraConfig
     from loraft.models import gpt2
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # the frozen base in bf16 from the start, as training stores it
     model = gpt2.GPTModel(gpt2.SIZES["gpt2-xl"])
     torch.set_default_dtype(torch.float32)
-    prepare_model(model, "lora", 2, 16, 16, ["all-linear"], "standard", 0.0)
+    prepare_model(model, "lora", 2, LoraConfig(16, 16, "standard"))
     model.train()
     model.gradient_checkpointing = checkpointing
     batch = Batch(torch.randint(0, 50257, (8, 120)), torch.full((8,), 120), torch.tensor([0, 1] * 4))

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from loraft.classifier import ClassificationTask, TextFormat
 from loraft.data.sms_spam import load_sms_spam
 from loraft.finetune import prepare_model
-from loraft.lora import LoRALinear
+from loraft.lora import LoraConfig, LoRALinear
 from loraft.models import family_of, gpt2, kv_cache, llama, load_model
 from loraft.precision import cast_frozen_weights
 from loraft.tokenizer import GPT2Tokenizer
@@ -71,7 +71,7 @@ def main():
     else:
         model, tokenizer = load_model(MODEL)
     torch.manual_seed(123)
-    prepare_model(model, "lora", 2, 16, 16, ["all-linear"], "standard", 0.0)
+    prepare_model(model, "lora", 2, LoraConfig(16, 16, "standard"))
     fp32_copies = {p: p.data.clone() for p in model.parameters() if not p.requires_grad}
     cast_frozen_weights(model, torch.bfloat16)
     model.train()

@@ -24,6 +24,7 @@ from llms_from_scratch.ch04 import GPTModel as BookGPT
 from loraft.classifier import ClassificationTask, TextFormat
 from loraft.data.sms_spam import load_sms_spam
 from loraft.finetune import prepare_model
+from loraft.lora import LoraConfig
 from loraft.models.gpt2 import SIZES, GPTModel
 from loraft.precision import cast_frozen_weights
 from loraft.tokenizer import GPT2Tokenizer
@@ -78,7 +79,7 @@ def loraft_seconds_per_epoch(data, tokenizer, base_weights, compile: bool) -> tu
     model = GPTModel(SIZES["gpt2-small"])
     model.load_state_dict({k: v for k, v in base_weights.items() if not k.startswith("out_head")}, strict=False)
     torch.manual_seed(123)
-    prepare_model(model, "lora", 2, 16, 16, ["all-linear"], "book", 0.0)
+    prepare_model(model, "lora", 2, LoraConfig(16, 16, "book"))
     cast_frozen_weights(model, torch.bfloat16)
     task = ClassificationTask(tokenizer, data, TextFormat(), 123, autocast=True)
     cfg = TrainConfig(epochs=EPOCHS, eval_every=10**9, lr=5e-5, compile=compile)  # compiling counts as training time

@@ -149,7 +149,7 @@ def test_non_finite_adapters_are_never_saved_loaded_or_merged(tmp_path):
     def tiny():
         torch.manual_seed(0)
         model = gpt2.GPTModel(gpt2.GPT2Config(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
-        lora.apply_lora(model, 2, 4.0)
+        lora.apply_lora(model, rank=2, alpha=4.0)
         return model
 
     model = tiny()
@@ -205,7 +205,7 @@ def test_a_hand_edited_adapter_json_fails_with_the_key_and_the_file(tmp_path, ed
     from loraft.models import gpt2
 
     model = gpt2.GPTModel(gpt2.GPT2Config(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
-    lora.apply_lora(model, 2, 4.0)
+    lora.apply_lora(model, rank=2, alpha=4.0)
     save_adapter(model, tmp_path)
     read_adapter(tmp_path)
     meta = read_json(tmp_path / "adapter.json")

@@ -2,7 +2,6 @@
 `adapter.json` (everything needed to put them back on the right base model). Never pickle."""
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from . import __version__
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
-from .lora import LoRALinear, ModuleToSave, adapter_names, adapter_state, add_module_to_save, apply_lora
+from .lora import LoraConfig, LoRALinear, adapter_names, adapter_params, adapter_state, add_module_to_save, apply_lora
 from .models import family_of
 from .weights import weights_fingerprint
 
@@ -35,13 +34,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         TRAINED_PREFIX + param_name: model.get_parameter(param_name).detach().float().contiguous()
         for param_name in adapter_state(model).configs[name].get("trained_parameters", [])
     }
-    for module_name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and name in module.lora_A:
-            tensors[f"{module_name}.lora_A"] = module.lora_A[name].detach().float().contiguous()
-            tensors[f"{module_name}.lora_B"] = module.lora_B[name].detach().float().contiguous()
-        elif isinstance(module, ModuleToSave) and name in module.copies:
-            for param_name, param in module.copies[name].named_parameters():
-                tensors[f"{module_name}.{param_name}"] = param.detach().float().contiguous()
+    tensors |= {key: p.detach().float().contiguous() for key, p in adapter_params(model, name).items()}
     return tensors
 
 
@@ -92,6 +85,7 @@ SCHEMA = {
     "alpha": (NUMBER, False),
     "scaling": (str, False),
     "dropout": (NUMBER, False),
+    "variant": (str, False),
     "task": (str, False),
     "label_names": (TEXTS, False),
     "template": (str, False),
@@ -117,8 +111,11 @@ def check_schema(meta: dict, file: Path):
             ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
         if not ok:
             raise LoraftError(f"{file}: {key!r} must be {KIND_NAMES[kind]}, not {json.dumps(value)[:60]}")
-    if lora_keys and (meta["rank"] < 1 or not 0 <= meta["dropout"] < 1 or not math.isfinite(meta["alpha"])):
-        raise LoraftError(f"{file}: 'rank' must be at least 1, 'dropout' in [0, 1) and 'alpha' finite")
+    if lora_keys:
+        try:
+            LoraConfig.of_adapter(meta)
+        except LoraftError as e:
+            raise LoraftError(f"{file}: {e}") from None
     if meta.get("max_length", 1) < 1:
         raise LoraftError(f"{file}: 'max_length' must be at least 1, not {meta['max_length']}")
     for module, spec in meta["modules_to_save"].items():
@@ -204,7 +201,7 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
         raise LoraftError(f"an adapter named {name!r} is already loaded")
     check_fits(model, meta, tensors, folder)
     if meta["target_modules"]:
-        apply_lora(model, meta["rank"], meta["alpha"], meta["target_modules"], meta["scaling"], meta["dropout"], name)
+        apply_lora(model, LoraConfig.of_adapter(meta), name)
     for module_name, spec in meta["modules_to_save"].items():
         add_module_to_save(
             model, module_name, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]), name
@@ -213,13 +210,9 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
         for param_name in meta.get("trained_parameters", []):
             param = model.get_parameter(param_name)
             param.copy_(tensors[TRAINED_PREFIX + param_name].to(param.dtype))
-        for module_name, module in model.named_modules():
-            if isinstance(module, LoRALinear) and name in module.lora_A:
-                module.lora_A[name].copy_(tensors[f"{module_name}.lora_A"])
-                module.lora_B[name].copy_(tensors[f"{module_name}.lora_B"])
-            elif isinstance(module, ModuleToSave) and name in module.copies:
-                for param_name, param in module.copies[name].named_parameters():
-                    param.copy_(tensors[f"{module_name}.{param_name}"])
-    keys = ("rank", "alpha", "scaling", "dropout", "targets", "target_modules", "modules_to_save", "trained_parameters")
+        for key, param in adapter_params(model, name).items():
+            param.copy_(tensors[key])
+    keys = ("rank", "alpha", "scaling", "dropout", "variant", "targets", "target_modules", "modules_to_save")
+    keys += ("trained_parameters",)
     adapter_state(model).configs[name] = {k: meta[k] for k in keys if k in meta}
     return meta

@@ -18,6 +18,13 @@ def cmd_models(args):
     print("Any Llama-architecture GGUF file also works: --model path/to/file.gguf")
 
 
+def cmd_env(args):
+    from .env import collect, render
+
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+
+
 def cmd_generate(args):
     from .generate import stream_tokens
     from .models import load_model
@@ -79,11 +86,7 @@ def cmd_instruct(args):
         test_file=args.test_file,
         template=args.template,
         mask_prompt=args.mask_prompt,
-        rank=args.rank,
-        alpha=args.alpha,
-        scaling=args.scaling,
-        targets=args.targets,
-        dropout=args.dropout,
+        lora_config=lora_config(args),
         max_length=args.max_length,
         max_new_tokens=args.max_new_tokens,
         **train_options(args),
@@ -120,7 +123,7 @@ def cmd_info(args):
     if args.num_classes:  # as the book does: the output head replaced by a new, smaller one
         model.out_head = nn.Linear(model.config.emb_dim, args.num_classes, device=model.tok_emb.weight.device)
     if args.rank:
-        lora.apply_lora(model, args.rank, args.alpha, args.targets, args.scaling)
+        lora.apply_lora(model, lora.LoraConfig(args.rank, args.alpha, args.scaling, args.targets))
     print(model)
     counts = lora.parameter_summary(model)
     print(f"total parameters:     {counts['total']:>14,}")
@@ -168,6 +171,14 @@ def train_options(args) -> dict:
     )
 
 
+def lora_config(args):
+    """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: its grid gives them)."""
+    from .lora import LoraConfig
+
+    fields = ("rank", "alpha", "scaling", "targets", "dropout")
+    return LoraConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+
+
 def classifier_options(args) -> dict:
     return dict(
         data=args.data,
@@ -176,9 +187,7 @@ def classifier_options(args) -> dict:
         label_column=args.label_column,
         val_file=args.val_file,
         test_file=args.test_file,
-        scaling=args.scaling,
-        targets=args.targets,
-        dropout=args.dropout,
+        lora_config=lora_config(args),
         max_length=args.max_length,
         pooling=args.pooling,
         template=args.template,
@@ -189,7 +198,7 @@ def classifier_options(args) -> dict:
 def cmd_train(args):
     from .finetune import train_classifier
 
-    train_classifier(method=args.method, rank=args.rank, alpha=args.alpha, **classifier_options(args))
+    train_classifier(method=args.method, **classifier_options(args))
 
 
 def cmd_sweep(args):
@@ -229,15 +238,16 @@ def read_texts(args) -> list[str]:
 
 def cmd_classify(args):
     from .classifier import TextFormat, predict_proba
-    from .finetune import load_classifier
+    from .job import load_trained
+    from .precision import uses_bf16
 
     texts = read_texts(args)
     if not texts:
         raise LoraftError("nothing to classify: give texts, --input FILE, or - for standard input")
     if any(not t.strip() for t in texts):
         raise LoraftError("a text to classify is empty")
-    model, tokenizer, meta = load_classifier(args.adapter, args.weights)
-    probs = predict_proba(model, tokenizer, texts, TextFormat.of_adapter(meta), autocast=True)
+    model, tokenizer, meta = load_trained(args.adapter, "classification", args.weights)
+    probs = predict_proba(model, tokenizer, texts, TextFormat.of_adapter(meta), autocast=uses_bf16(model))
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
         print(
@@ -325,11 +335,23 @@ def add_model_flags(parser):
     parser.add_argument("--weights", help="GPT-2 only: a local Hugging Face checkpoint (folder or model.safetensors)")
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad flag is reported in one line, as a LoraftError is, not as usage then the error."""
+
+    def error(self, message):
+        print(f"loraft: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loraft", description="LoRA fine-tuning of small pretrained language models")
+    p = Parser(prog="loraft", description="LoRA fine-tuning of small pretrained language models")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the known models").set_defaults(run=cmd_models)
+
+    v = sub.add_parser("env", help="can this machine train: torch, GPUs, bf16, compiler, memory, disk, what is cached")
+    v.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    v.set_defaults(run=cmd_env)
 
     g = sub.add_parser("generate", help="continue a prompt")
     add_model_flags(g)

@@ -2,18 +2,15 @@
 Alpaca-format instructions; its loss on the validation and test examples and its generated answers
 are measured before and after."""
 
-import json
 import math
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import lora
-from .adapters import load_adapter, read_adapter, save_adapter
 from .classifier import length_bucketed_batches
 from .data.instruction import (
     BOOK_DATA,
@@ -28,14 +25,11 @@ from .data.instruction import (
 )
 from .errors import LoraftError
 from .evaluate import answer_scores
-from .files import read_json, write_json
-from .finetune import resolved_config
 from .generate import stream_tokens
-from .models import DEFAULT_MODEL, load_model, model_device
-from .plots import plot_run
-from .precision import bf16_autocast, bf16_supported, cast_frozen_weights, uses_bf16
-from .run_folder import claimed
-from .train import TrainConfig, Trainer
+from .job import load_trained, run_job
+from .models import DEFAULT_MODEL, model_device
+from .precision import bf16_autocast, uses_bf16
+from .train import TrainConfig
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +150,108 @@ def generate_answers(model, tokenizer, meta: dict, examples: list[Example], max_
     return answers
 
 
+@dataclass
+class InstructionJob:
+    """What the job skeleton (job.py) needs to teach a model to follow the instructions of `data`."""
+
+    data: object  # InstructionData
+    template: str
+    max_length: int
+    mask_prompt: bool
+    max_new_tokens: int
+    name = "instruction"
+
+    def check(self, model, tokenizer):
+        end_id(tokenizer, self.template)  # a chat template needs a model that has one
+        if self.max_length > model.context_length:
+            raise LoraftError(
+                f"--max-length {self.max_length} exceeds {model.name}'s context length {model.context_length}"
+            )
+
+    def prepare(self, model, lora_config):
+        lora.apply_lora(model, lora_config)
+
+    def casts_base(self) -> bool:
+        return True
+
+    def trainer_task(self, tokenizer, cfg: TrainConfig):
+        return InstructionTask(
+            tokenizer, self.data, self.template, self.max_length, self.mask_prompt, cfg.seed, cfg.bf16
+        )
+
+    def adapter_meta(self, cfg: TrainConfig) -> dict:
+        return dict(
+            task=self.name,
+            template=self.template,
+            max_length=self.max_length,
+            mask_prompt=self.mask_prompt,
+            seed=cfg.seed,
+        )
+
+    def measure(self, model, tokenizer, cfg: TrainConfig, before: dict | None) -> dict:
+        """Losses on the validation and test splits and the answers to the test instructions, of the base
+        model alone (before) or with the trained adapter merged (after)."""
+        if before is None:
+            lora.set_active(model, None)
+        losses = {
+            split: split_loss(
+                model, tokenizer, getattr(self.data, split), self.template, self.max_length, self.mask_prompt, cfg.bf16
+            )
+            for split in ("val", "test")
+        }
+        generated_at = time.perf_counter()
+        answers = generate_answers(model, tokenizer, {"template": self.template}, self.data.test, self.max_new_tokens)
+        seconds = time.perf_counter() - generated_at
+        if before is None:
+            lora.set_active(model, "default")
+        scores = answer_scores(answers, [e.output for e in self.data.test])
+        return {**losses, "answers": scores, "generated": answers, "generation_seconds": seconds}
+
+    def report(self, before: dict, after: dict) -> dict:
+        losses = {
+            f"{split}_{key}_{when}": values[split][key]
+            for when, values in (("before", before), ("after", after))
+            for split in ("val", "test")
+            for key in ("loss", "perplexity", "response_loss", "response_perplexity")
+        }
+        return {
+            "template": self.template,
+            "mask_prompt": self.mask_prompt,
+            "sizes": self.data.sizes(),
+            **losses,
+            "answers_before": before["answers"],
+            "answers_after": after["answers"],
+            "max_new_tokens": self.max_new_tokens,
+            "generation_seconds_after": after["generation_seconds"],
+        }
+
+    def files(self, before: dict, after: dict) -> dict:
+        responses = [
+            {
+                "instruction": e.instruction,
+                "input": e.input,
+                "expected": e.output,
+                "generated": a,
+                "generated_before": b,
+            }
+            for e, a, b in zip(self.data.test, after["generated"], before["generated"])
+        ]
+        return {"test-responses.json": responses}
+
+    def describe(self, before: dict, after: dict | None) -> str:
+        if after is None:
+            return (
+                f"data {self.data.sizes()}; before training: test loss {before['test']['loss']:.3f}, "
+                f"ROUGE-L {before['answers']['rouge_l']:.3f}"
+            )
+        return (
+            f"test loss {before['test']['loss']:.3f} -> {after['test']['loss']:.3f} "
+            f"(perplexity {before['test']['perplexity']:.1f} -> {after['test']['perplexity']:.1f}), "
+            f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
+            f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}"
+        )
+
+
 def train_instruct(
     out="runs/instruct",
     model=DEFAULT_MODEL,
@@ -164,12 +260,8 @@ def train_instruct(
     val_file=None,
     test_file=None,
     template=DEFAULT_TEMPLATE,
-    mask_prompt=True,  # measured: better answers than the book's loss on prompt and response (README)
-    rank=16,
-    alpha=16.0,
-    scaling="standard",
-    targets=("all-linear",),
-    dropout=0.0,
+    mask_prompt=True,  # better answers than the book's loss on prompt and response (README)
+    lora_config: lora.LoraConfig | None = None,
     max_length=256,
     max_new_tokens=128,
     resume=False,
@@ -179,130 +271,17 @@ def train_instruct(
 ) -> dict:
     """Fine-tune `model` to follow the instructions in `data`; write the adapter, metrics, test
     answers, report and plots to `out`."""
-    options = {k: v for k, v in locals().items() if k != "train"}
-    cfg = resolved_config(train)
+    lora_config = lora_config or lora.LoraConfig()
+    options = {k: v for k, v in locals().items() if k not in ("train", "lora_config")} | lora_config.as_dict()
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
-    out = Path(out)
-    config = json.loads(json.dumps({**options, "targets": list(targets), "train": asdict(cfg)}, default=str))
-    dataset = load_instruction_data(data, val_file, test_file, cfg.seed)
+    dataset = load_instruction_data(data, val_file, test_file, (train or TrainConfig()).seed)
     format_prompt("", "", template)  # an unknown template fails here, before anything is written
-    with claimed(out, config, resume, overwrite) as main:
-        quiet = quiet or not main
-        started = time.perf_counter()
-        base, tokenizer = load_model(model, weights)
-        end_id(tokenizer, template)  # a chat template needs a model that has one
-        if max_length > base.context_length:
-            raise LoraftError(f"--max-length {max_length} exceeds {model}'s context length {base.context_length}")
-        torch.manual_seed(cfg.seed)  # the LoRA A matrices start from it
-        lora.apply_lora(base, rank, alpha, list(targets), scaling, dropout)
-        base.to(cfg.device)
-        if cfg.bf16:
-            cast_frozen_weights(base, torch.bfloat16)
-        task = InstructionTask(tokenizer, dataset, template, max_length, mask_prompt, cfg.seed, cfg.bf16)
-        adapter_meta = dict(
-            task="instruction", template=template, max_length=max_length, mask_prompt=mask_prompt, seed=cfg.seed
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        if main:
-            write_json(out / "config.json", config)
-
-        def measure(split: str) -> dict:
-            return split_loss(base, tokenizer, getattr(dataset, split), template, max_length, mask_prompt, cfg.bf16)
-
-        def answer(examples) -> list[str]:
-            return generate_answers(base, tokenizer, adapter_meta, examples, max_new_tokens)
-
-        before_file = out / "before.json"
-        if resume and before_file.is_file():
-            before = read_json(before_file)
-        elif main:
-            lora.set_active(base, None)  # the base model alone
-            answers = answer(dataset.test)
-            before = {
-                "val": measure("val"),
-                "test": measure("test"),
-                "answers": answer_scores(answers, [e.output for e in dataset.test]),
-                "generated": answers,
-            }
-            lora.set_active(base, "default")
-            write_json(before_file, before)
-
-        trainer = Trainer(
-            base, task, cfg, out, on_best=lambda m: save_adapter(m, out / "adapter", **adapter_meta), quiet=quiet
-        )
-        if not quiet:
-            counts = lora.parameter_summary(base)
-            print(
-                f"{model}: {counts['trainable']:,} of {counts['total']:,} parameters trainable; data {dataset.sizes()}; "
-                f"before training: test loss {before['test']['loss']:.3f}, ROUGE-L {before['answers']['rouge_l']:.3f}"
-            )
-        state = trainer.run(resume)
-        if not main:
-            return {}  # process 0 saves the adapter, answers the test split and reports
-        save_adapter(base, out / "adapter", **adapter_meta)  # the best weights, restored by the trainer
-        lora.merge(base)  # generation at the base model's speed
-        after = {"val": measure("val"), "test": measure("test")}
-        generated_at = time.perf_counter()
-        answers = answer(dataset.test)
-        after["answers"] = answer_scores(answers, [e.output for e in dataset.test])
-        generation_seconds = time.perf_counter() - generated_at
-        responses = [
-            {
-                "instruction": e.instruction,
-                "input": e.input,
-                "expected": e.output,
-                "generated": a,
-                "generated_before": b,
-            }
-            for e, a, b in zip(dataset.test, answers, before["generated"])
-        ]
-        write_json(out / "test-responses.json", responses)
-        report = {
-            "model": model,
-            "data": str(data),
-            "template": template,
-            "mask_prompt": mask_prompt,
-            "sizes": dataset.sizes(),
-            **{
-                f"{split}_{key}_{when}": values[split][key]
-                for when, values in (("before", before), ("after", after))
-                for split in ("val", "test")
-                for key in ("loss", "perplexity", "response_loss", "response_perplexity")
-            },
-            "answers_before": before["answers"],
-            "answers_after": after["answers"],
-            "max_new_tokens": max_new_tokens,
-            "best_step": state["best_step"],
-            "parameters": lora.parameter_summary(base),
-            "adapter_bytes": (out / "adapter" / "adapter.safetensors").stat().st_size,
-            "train_seconds": state["train_seconds"],
-            "train_tokens_per_second": state["tokens"] / max(state["train_seconds"], 1e-9),
-            "generation_seconds_after": generation_seconds,
-            "wall_seconds": time.perf_counter() - started,
-        }
-        write_json(out / "report.json", report)
-        plots = plot_run(out)
-        if not quiet:
-            print(
-                f"test loss {report['test_loss_before']:.3f} -> {report['test_loss_after']:.3f} "
-                f"(perplexity {report['test_perplexity_before']:.1f} -> {report['test_perplexity_after']:.1f}), "
-                f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
-                f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}, "
-                f"{report['wall_seconds']:.0f} s\nadapter: {out / 'adapter'}\nanswers: {out / 'test-responses.json'}\n"
-                f"report:  {out / 'report.json'}\nplots:   {', '.join(str(p) for p in plots)}"
-            )
-        return report
+    job = InstructionJob(dataset, template, max_length, mask_prompt, max_new_tokens)
+    report = run_job(job, options, out, model, weights, lora_config, resume, overwrite, quiet, train)
+    return report and {"model": model, "data": str(data), **report}
 
 
 def load_instruct(adapter_dir, weights=None):
-    """(model, tokenizer, adapter metadata) ready to answer, the adapter merged for speed."""
-    meta, _ = read_adapter(adapter_dir)
-    if meta.get("task") != "instruction":
-        raise LoraftError(f"{adapter_dir} is not an instruction adapter (task {meta.get('task')!r})")
-    model, tokenizer = load_model(meta["base_model"], weights)
-    load_adapter(model, adapter_dir)
-    if bf16_supported():  # cast, then merge: the weights the training job answered the test with
-        cast_frozen_weights(model, torch.bfloat16)
-    lora.merge(model)
-    return model, tokenizer, meta
+    """(model, tokenizer, adapter metadata) ready to answer, as the training job answered its test."""
+    return load_trained(adapter_dir, "instruction", weights)

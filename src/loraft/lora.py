@@ -7,7 +7,7 @@ which says which adapter runs (for the whole batch, or per row) and which one is
 import fnmatch
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,47 @@ SCALINGS = {
 # over module names ("trf_blocks.1*.att.*").
 ATTENTION = ["q", "k", "v", "o"]
 TARGET_ALIASES = {"attention": ATTENTION, "all-linear": [*ATTENTION, "mlp"]}
+
+
+VARIANTS = ("lora",)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One adapter's LoRA, carried whole from the command line to adapter.json (its keys, as written)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    scaling: str = "standard"  # a key of SCALINGS
+    targets: tuple[str, ...] = ("all-linear",)  # target groups, aliases or glob patterns over module names
+    dropout: float = 0.0
+    variant: str = "lora"
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.scaling not in SCALINGS:
+            raise LoraftError(f"unknown LoRA scaling {self.scaling!r}; choose one of {list(SCALINGS)}")
+        if self.variant not in VARIANTS:
+            raise LoraftError(f"unknown LoRA variant {self.variant!r}; choose one of {list(VARIANTS)}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraftError("the LoRA rank must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise LoraftError("the LoRA dropout must be in [0, 1)")
+        if not math.isfinite(self.alpha):
+            raise LoraftError("the LoRA alpha must be a finite number")
+
+    @property
+    def scale(self) -> float:
+        return SCALINGS[self.scaling](self.alpha, self.rank)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def of_adapter(cls, meta: dict) -> "LoraConfig":
+        """The LoRA of an adapter.json, on the modules it names (older files have no variant: plain LoRA)."""
+        keys = ("rank", "alpha", "scaling", "dropout", "variant")
+        return cls(targets=meta["target_modules"], **{k: meta[k] for k in keys if k in meta})
 
 
 @dataclass
@@ -59,6 +100,10 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, rank, device=A.device))
         self.scale[name], self.dropout[name] = scale, dropout
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """What adapter `name` trains here: what is frozen, saved, loaded and exported derives from it."""
+        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -197,6 +242,9 @@ class ModuleToSave(nn.Module):
         self.state = state
         self.copies = nn.ModuleDict()
 
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.copies[name].named_parameters())
+
     def forward(self, x):
         routes = [(name, rows) for name, rows in self.state.routes() if name in self.copies]
         if self.state.per_row is None:
@@ -248,25 +296,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def apply_lora(
-    model: nn.Module,
-    rank: int = 16,
-    alpha: float = 16,
-    targets: list[str] = ("all-linear",),
-    scaling: str = "standard",
-    dropout: float = 0.0,
-    name: str = "default",
-) -> list[str]:
-    """Add adapter `name` to the targeted linear layers, make it active and the only trainable thing
-    (besides its modules to save). Returns the targeted module names."""
-    if scaling not in SCALINGS:
-        raise LoraftError(f"unknown LoRA scaling {scaling!r}; choose one of {list(SCALINGS)}")
-    if rank < 1:
-        raise LoraftError("the LoRA rank must be at least 1")
-    if not 0 <= dropout < 1:
-        raise LoraftError("the LoRA dropout must be in [0, 1)")
+def apply_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "default", **fields) -> list[str]:
+    """Add adapter `name` with `config` (or a LoraConfig of `fields`) to the targeted linear layers, make
+    it active and the only trainable thing (besides its modules to save). Returns the targeted module names."""
+    config = config or LoraConfig(**fields)
     state = adapter_state(model)
-    chosen = expand_targets(model, list(targets))
+    chosen = expand_targets(model, list(config.targets))
     for module_name in chosen:
         module = model.get_submodule(module_name)
         if not isinstance(module, LoRALinear):
@@ -274,16 +309,8 @@ def apply_lora(
             replace_module(model, module_name, module)
         if name in module.lora_A:
             raise LoraftError(f"adapter {name!r} already exists on {module_name}")
-        module.add_adapter(name, rank, SCALINGS[scaling](alpha, rank), dropout)
-    state.configs[name] = dict(
-        rank=rank,
-        alpha=alpha,
-        scaling=scaling,
-        dropout=dropout,
-        targets=list(targets),
-        target_modules=chosen,
-        modules_to_save={},
-    )
+        module.add_adapter(name, config.rank, config.scale, config.dropout)
+    state.configs[name] = dict(**config.as_dict(), target_modules=chosen, modules_to_save={})
     set_active(model, name)
     mark_trainable(model, name)
     return chosen
@@ -308,6 +335,25 @@ def add_module_to_save(model: nn.Module, module_name: str, new: nn.Module, name:
     mark_trainable(model, name)
 
 
+def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter `name`'s parameters by their key in adapter.safetensors ("<module>.lora_A", "out_head.weight")."""
+    params = {}
+    for module_name, module in model.named_modules():
+        if (
+            isinstance(module, LoRALinear)
+            and name in module.lora_A
+            or isinstance(module, ModuleToSave)
+            and name in module.copies
+        ):
+            params |= {f"{module_name}.{key}": p for key, p in module.adapter_params(name).items()}
+    return params
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's parameters: what is not the base model."""
+    return [p for name in adapter_names(model) for p in adapter_params(model, name).values()]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     names = set()
     for module in model.modules():
@@ -320,12 +366,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def mark_trainable(model: nn.Module, name: str):
     """Freeze everything but adapter `name`'s LoRA matrices and modules to save."""
-    for param_name, param in model.named_parameters():
-        parts = param_name.split(".")
-        param.requires_grad_(
-            (("lora_A" in parts or "lora_B" in parts) and parts[-1] == name)
-            or ("copies" in parts and parts[parts.index("copies") + 1] == name)
-        )
+    trained = {id(p) for p in adapter_params(model, name).values()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trained)
 
 
 def set_active(model: nn.Module, name: str | None):

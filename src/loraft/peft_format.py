@@ -17,7 +17,7 @@ from torch import nn
 from .adapters import read_adapter
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
-from .lora import SCALINGS, LoRALinear, adapter_names, add_module_to_save, apply_lora
+from .lora import SCALINGS, LoraConfig, LoRALinear, adapter_names, add_module_to_save, apply_lora
 from .models import family_named, family_of
 from .models.family import Family
 
@@ -262,7 +262,7 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
             f"{peft_dir}: the score head {tuple(head.shape)} does not fit this model's width {model.config.emb_dim}"
         )
 
-    apply_lora(model, rank, alpha, list(planned), scaling, config.get("lora_dropout", 0.0), name)
+    apply_lora(model, LoraConfig(rank, alpha, scaling, tuple(planned), config.get("lora_dropout", 0.0)), name)
     with torch.no_grad():
         for part, (A, B, peft_scale) in planned.items():
             module = model.get_submodule(part)

@@ -7,13 +7,14 @@ interrupted one resumes from its checkpoint: running the same command again cont
 import contextlib
 import csv
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import distributed
 from .errors import LoraftError
 from .files import atomic_write, read_json, write_json
 from .finetune import train_classifier
+from .lora import LoraConfig
 from .run_folder import LOCK_FILE, changed_settings, locked
 from .train import TrainConfig
 
@@ -55,13 +56,17 @@ def run_sweep(
     overwrite=False,
     quiet=False,
     train: TrainConfig | None = None,
+    lora_config: LoraConfig | None = None,
     **options,
 ) -> list[dict]:
     """Train every (rank, alpha) of the grid; write sweep.csv, sweep.md and sweep.png to `out`.
 
     `options` are train_classifier's; `resume` is implied: a sweep always continues."""
-    out, train = Path(out), train or TrainConfig()
-    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in {**options, **asdict(train)}.items()}
+    out, train, lora_config = Path(out), train or TrainConfig(), lora_config or LoraConfig()
+    lora_settings = {k: v for k, v in lora_config.as_dict().items() if k not in ("rank", "alpha")}
+    settings = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in {**options, **lora_settings, **asdict(train)}.items()
+    }
     with locked(out) if distributed.is_main() else contextlib.nullcontext():
         if distributed.is_main():
             check_sweep_folder(out, settings, overwrite)
@@ -77,8 +82,7 @@ def run_sweep(
                     started = (run / "checkpoint.pt").is_file()
                     report = train_classifier(
                         out=run,
-                        rank=rank,
-                        alpha=alpha,
+                        lora_config=replace(lora_config, rank=rank, alpha=alpha),
                         resume=started,
                         overwrite=not started,
                         quiet=True,

@@ -27,7 +27,9 @@ def loss_grads_and_saved_bytes(model, checkpointing: bool):
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
 def test_checkpointing_gives_the_same_loss_and_gradients_with_less_saved(build):
     model = build()
-    lora.apply_lora(model, 4, 8, ["all-linear"], dropout=0.1)  # dropout: the recomputation must replay its masks
+    lora.apply_lora(
+        model, rank=4, alpha=8, targets=["all-linear"], dropout=0.1
+    )  # dropout: the recomputation must replay its masks
     train_a_few_steps(model, IDS).train()  # B no longer zero: every gradient is non-zero
     torch.manual_seed(1)
     loss, grads, saved = loss_grads_and_saved_bytes(model, checkpointing=False)
