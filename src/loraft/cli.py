@@ -183,6 +183,7 @@ def classifier_options(args) -> dict:
     return dict(
         data=args.data,
         data_file=args.data_file,
+        data_from_uci=args.data_from_uci,
         text_column=args.text_column,
         label_column=args.label_column,
         val_file=args.val_file,
@@ -215,7 +216,14 @@ def cmd_eval(args):
     print(
         json.dumps(
             evaluate_adapter(
-                args.adapter, args.data, args.data_file, args.text_column, args.label_column, args.split, args.weights
+                args.adapter,
+                args.data,
+                args.data_file,
+                args.text_column,
+                args.label_column,
+                args.split,
+                args.weights,
+                args.data_from_uci,
             ),
             indent=2,
         )
@@ -320,6 +328,12 @@ def cmd_serve(args):
 def add_data_flags(parser):
     parser.add_argument("--data", default="sms-spam", help="'sms-spam' (default) or a .csv/.tsv/.jsonl file")
     parser.add_argument("--data-file", help="sms-spam only: a local SMSSpamCollection file")
+    parser.add_argument(
+        "--data-from-uci",
+        action="store_true",
+        help="sms-spam only: download the SMS Spam Collection from UCI (once, sha256-checked, into "
+        "~/.cache/loraft or $LORAFT_CACHE) instead of reading the copy inside the package",
+    )
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
 

@@ -1,4 +1,4 @@
-"""File helpers: the cache and data folders, checked downloads, writes that never leave a torn file,
+"""File helpers: the cache and data folders, sha256-checked copies and downloads, writes that never leave a torn file,
 strict JSON and safetensors reading. Nothing here unpickles."""
 
 import hashlib
@@ -34,6 +34,17 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checked_file(path: Path, sha256: str, what: str, advice: str) -> Path:
+    """`path`, once its sha256 is `sha256`: a copy of public data (inside the package, in
+    LORAFT_DATA_DIR, in the cache) that is not the published file is refused, not silently used."""
+    if not Path(path).is_file():
+        raise LoraftError(f"{what} not found at {path}; {advice}")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise LoraftError(f"{path} is not the {what}: its sha256 is {actual}, not {sha256}; {advice}")
+    return Path(path)
 
 
 def download_checked(

@@ -20,10 +20,17 @@ METHODS = ("lora", "full", "last-block", "last-two-blocks", "head")
 
 
 def load_data(
-    data: str, data_file=None, text_column="text", label_column="label", val_file=None, test_file=None, seed=123
+    data: str,
+    data_file=None,
+    text_column="text",
+    label_column="label",
+    val_file=None,
+    test_file=None,
+    seed=123,
+    data_from_uci=False,
 ) -> ClassificationData:
     if data == "sms-spam":
-        return load_sms_spam(data_file)
+        return load_sms_spam(data_file, data_from_uci)
     return load_classification_data(data, text_column, label_column, val_file, test_file, seed)
 
 
@@ -119,6 +126,7 @@ def train_classifier(
     weights=None,
     data="sms-spam",
     data_file=None,
+    data_from_uci=False,
     text_column="text",
     label_column="label",
     val_file=None,
@@ -137,14 +145,22 @@ def train_classifier(
     lora_config = lora_config or lora.LoraConfig()
     options = {k: v for k, v in locals().items() if k not in ("train", "lora_config")} | lora_config.as_dict()
     fmt = TextFormat(template, max_length, pooling)
-    dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, (train or TrainConfig()).seed)
+    seed = (train or TrainConfig()).seed
+    dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, seed, data_from_uci)
     job = ClassificationJob(dataset, fmt, method)
     report = run_job(job, options, out, model, weights, lora_config, resume, overwrite, quiet, train)
     return report and {"model": model, "data": data, **report}
 
 
 def evaluate_adapter(
-    adapter_dir, data="sms-spam", data_file=None, text_column="text", label_column="label", split="test", weights=None
+    adapter_dir,
+    data="sms-spam",
+    data_file=None,
+    text_column="text",
+    label_column="label",
+    split="test",
+    weights=None,
+    data_from_uci=False,
 ) -> dict:
     """Metrics of a classification adapter on a split of `data` (the split it was trained with, when
     the seed is the default) or on all of it."""
@@ -154,7 +170,7 @@ def evaluate_adapter(
     meta, _ = read_adapter(adapter_dir)
     names = meta.get("label_names", [])
     if data == "sms-spam":
-        texts, labels = read_sms_spam(sms_spam_file(data_file))
+        texts, labels = read_sms_spam(sms_spam_file(data_file, data_from_uci))
         if names != ["ham", "spam"]:
             raise LoraftError(f"{adapter_dir} classifies {names}, not the SMS labels ['ham', 'spam']")
         dataset = book_split(texts, labels)

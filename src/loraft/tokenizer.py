@@ -1,12 +1,14 @@
 """Tokenizers: GPT-2's BPE through tiktoken, and any byte-level BPE described inside a GGUF file
 (SmolLM2's) through Hugging Face `tokenizers`."""
 
+from pathlib import Path
+
 import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
-from .files import data_dir
+from .files import checked_file, data_dir
 
 
 def check_unicode(text: str, where: str = "the text"):
@@ -49,26 +51,39 @@ class GPT2Tokenizer:
         return self.encoding.decode(ids)
 
 
+# OpenAI's two GPT-2 BPE files as they are, inside the package (Modified MIT; LICENSE.txt beside them),
+# and their sha256: the files tiktoken downloads for get_encoding("gpt2").
+GPT2_FILES = Path(__file__).parent / "data" / "gpt2_tokenizer"
+GPT2_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
 def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2", read from $LORAFT_DATA_DIR/gpt2_tokenizer when that holds OpenAI's two files
-    (offline), else through tiktoken's own download and cache (TIKTOKEN_CACHE_DIR)."""
+    """tiktoken's "gpt2" built from OpenAI's two files: those in $LORAFT_DATA_DIR/gpt2_tokenizer when
+    there, else the copy inside the package (no network), each sha256-checked."""
     from tiktoken_ext import openai_public
 
     local = data_dir() / "gpt2_tokenizer" if data_dir() else None
-    if local is None or not (local / "vocab.bpe").is_file():
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # offline with an empty cache
-            raise LoraftError(
-                f"could not load the GPT-2 tokenizer ({type(e).__name__}): put encoder.json and vocab.bpe "
-                f"in $LORAFT_DATA_DIR/gpt2_tokenizer, or seed TIKTOKEN_CACHE_DIR"
-            ) from None
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(local / "vocab.bpe"),
-        encoder_json_file=str(local / "encoder.json"),
-        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    )
+    if local and (local / "vocab.bpe").is_file():
+        folder, advice = local, "put OpenAI's files there, or unset LORAFT_DATA_DIR to use the copy inside the package"
+    else:
+        folder, advice = GPT2_FILES, "reinstall loraft"
+    for name, sha256 in GPT2_SHA256.items():
+        checked_file(folder / name, sha256, f"GPT-2 BPE file {name}", advice)
+    try:  # tiktoken copies the files it reads into its cache (TIKTOKEN_CACHE_DIR, else the temporary folder)
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(folder / "vocab.bpe"),
+            encoder_json_file=str(folder / "encoder.json"),
+            vocab_bpe_hash=GPT2_SHA256["vocab.bpe"],
+            encoder_json_hash=GPT2_SHA256["encoder.json"],
+        )
+    except OSError as e:
+        raise LoraftError(
+            f"could not read the GPT-2 BPE files in {folder} through tiktoken's cache ({e.strerror or e}); "
+            f"set TIKTOKEN_CACHE_DIR to a writable folder, or to an empty value to turn tiktoken's cache off"
+        ) from None
     return tiktoken.Encoding(
         "gpt2",
         pat_str=openai_public.r50k_pat_str,

@@ -5,29 +5,37 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraftError
-from ..files import cache_dir, data_dir, download_checked
+from ..files import cache_dir, checked_file, data_dir, download_checked
 from .classification import ClassificationData, Split, read_text_file
 
 URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 LABEL_NAMES = ["ham", "spam"]
+# UCI's file as it is, inside the package (CC BY 4.0; attribution in LICENSE.txt beside it).
+EMBEDDED = Path(__file__).parent / "sms_spam_collection" / "SMSSpamCollection"
+WHAT = "UCI SMS Spam Collection (SMSSpamCollection)"
 
 
-def sms_spam_file(data_file: str | None = None) -> Path:
-    """--data-file, else $LORAFT_DATA_DIR/sms_spam_collection/SMSSpamCollection, else our cache,
-    else downloaded from UCI (sha256-checked, then cached)."""
+def sms_spam_file(data_file: str | None = None, from_uci: bool = False) -> Path:
+    """--data-file as given; else, with `from_uci`, UCI's file, downloaded once into our cache;
+    else $LORAFT_DATA_DIR/sms_spam_collection/SMSSpamCollection when there; else the copy inside
+    the package. All but --data-file must have UCI's sha256."""
+    if data_file and from_uci:
+        raise LoraftError("--data-file and --data-from-uci exclude each other: give one")
     if data_file:
         path = Path(data_file)
         if not path.is_file():
             raise LoraftError(f"--data-file {path}: no such file")
         return path
-    if data_dir() and (data_dir() / "sms_spam_collection" / "SMSSpamCollection").is_file():
-        return data_dir() / "sms_spam_collection" / "SMSSpamCollection"
-    cached = cache_dir() / "SMSSpamCollection"
-    if cached.is_file():
-        return cached
-    download(cached)
-    return cached
+    if from_uci:
+        cached = cache_dir() / "SMSSpamCollection"
+        if not cached.is_file():
+            download(cached)
+        return checked_file(cached, SHA256, WHAT, "delete it to download it again")
+    local = data_dir() / "sms_spam_collection" / "SMSSpamCollection" if data_dir() else None
+    if local and local.is_file():
+        return checked_file(local, SHA256, WHAT, "pass a file of your own with --data-file PATH")
+    return checked_file(EMBEDDED, SHA256, WHAT, "reinstall loraft, or pass a copy with --data-file PATH")
 
 
 def download(target: Path):
@@ -36,7 +44,7 @@ def download(target: Path):
         SHA256,
         target,
         "SMSSpamCollection",
-        "pass a local copy with --data-file PATH or set LORAFT_DATA_DIR",
+        "leave out --data-from-uci to use the copy inside the package, or pass one with --data-file PATH",
         zip_member="SMSSpamCollection",
     )
 
@@ -79,8 +87,8 @@ def book_split(texts: list[str], labels: list[int]) -> ClassificationData:
     )
 
 
-def load_sms_spam(data_file: str | None = None) -> ClassificationData:
-    path = sms_spam_file(data_file)
+def load_sms_spam(data_file: str | None = None, from_uci: bool = False) -> ClassificationData:
+    path = sms_spam_file(data_file, from_uci)
     data = book_split(*read_sms_spam(path))
     empty = [name for name, size in data.sizes().items() if size == 0]
     if empty:
