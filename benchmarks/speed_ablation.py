@@ -1,7 +1,7 @@
 """What each of loraft's speed pieces buys: training steps of the default spam job (LoRA rank 16 on
 every linear layer + a new head, bf16 autocast, batch 8, length-bucketed batches), with one piece
 turned off at a time. The two variants alternate step by step over the same batches in one process:
-this machine's speed drifts 10-30% within an hour, so only side-by-side ratios mean anything.
+this machine's speed drifts within an hour, so only side-by-side ratios mean anything.
 
     LORAFT_DATA_DIR=../shared/data python benchmarks/speed_ablation.py [smollm2-135m|gpt2-small] [STEPS]
 

@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct loaded from the same GGUF into an SMS spam classifier, sam
 LoRA rank 16 / alpha 16 on every linear layer of the blocks + a new trained 2-class head, AdamW lr
 1e-3, cosine with 10% warmup, batch 8, clipping 1.0, seed 123, the book's split, dynamic padding.
 transformers runs twice: with the Trainer's defaults (fp32, random batches: the reference the
-performance issue quotes, ~1.9 s per batch) and tuned (bf16 autocast, length-grouped batches).
+performance issue quotes) and tuned (bf16 autocast, length-grouped batches).
 
     LORAFT_DATA_DIR=../shared/data python benchmarks/train_vs_peft.py [EPOCHS]
 

@@ -19,7 +19,7 @@ SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
 KEYS = ("instruction", "input", "output")
 
 TEMPLATES = ("alpaca", "chat")
-DEFAULT_TEMPLATE = "alpaca"  # measured against "chat" (README, "Instruction fine-tuning")
+DEFAULT_TEMPLATE = "alpaca"  # the book's; works for models without a chat template, and answers as well as "chat"
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )

@@ -29,9 +29,9 @@ def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0):
     `is_causal` aligns them to the first positions instead, so that case gets an explicit mask.
     """
     if training and q.device.type == "cpu":
-        # Differentiating SDPA's CPU flash kernel is 2-3x slower than its math backend for the short
-        # sequences we train on (30-120 tokens; equal at 300), the math backend 1.5-2x slower than
-        # CausalAttention; for inference flash is as fast or faster.
+        # For the short sequences we train on, differentiating SDPA's CPU flash kernel is slower than
+        # its math backend, and the math backend slower than CausalAttention; for inference flash is
+        # as fast or faster.
         if dropout_p == 0 and q.shape[2] == k.shape[2]:
             # A key head's query heads, one after another, as one long query: no copies of k and v.
             b, heads, n, d = q.shape
@@ -46,8 +46,7 @@ class CausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(d) + causal mask) v, with its backward written out so that every matrix
     product reads contiguous operands: SDPA's math backend differentiates through transposed views,
     which are slow on a CPU. Scores, softmax and their gradients are fp32, as in that backend (same
-    error against an fp64 reference, tested); the products with v, k and q run in the inputs' dtype.
-    Measured forward + backward, bf16, batch 8, 64-wide heads, 40-120 tokens: 1.5-2x faster."""
+    error against an fp64 reference, tested); the products with v, k and q run in the inputs' dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v):
