@@ -8,6 +8,7 @@ from loraft import lora
 from loraft.adapters import load_adapter, save_adapter
 from loraft.errors import LoraftError
 from loraft.models import gpt2
+from loraft.peft_format import export_peft
 
 from .helpers import IDS, tiny_gpt2, tiny_llama, train_a_few_steps
 
@@ -228,7 +229,7 @@ def test_written_out_lora_product_equals_autograd(bias, dropout, autocast, width
     state = lora.AdapterState(active="a")
     layers = [lora.LoRALinear(nn.Linear(24, width, bias=bias), state) for width in widths]
     for i, layer in enumerate(layers):  # ranks and scales differ, so a mixed-up split shows
-        layer.add_adapter("a", rank=4 + i, scale=0.5 + i, dropout=dropout)
+        layer.add_adapter("a", lora.LoraConfig(rank=4 + i, alpha=0.5 + i, scaling="book", dropout=dropout))
         layer.base.requires_grad_(False)
         with torch.no_grad():
             layer.lora_B["a"].normal_()
@@ -275,7 +276,7 @@ def test_a_trained_base_or_a_plain_layer_takes_autograds_path():
     torch.manual_seed(0)
     state = lora.AdapterState(active="a")
     q, k = lora.LoRALinear(nn.Linear(8, 8), state), nn.Linear(8, 8)
-    q.add_adapter("a", rank=2, scale=1.0)
+    q.add_adapter("a", lora.LoraConfig(rank=2, alpha=1.0, scaling="book"))
     q.base.requires_grad_(False)
     x = torch.randn(3, 8)
     out_q, out_k = lora.shared_input_linears(x, q, k)
@@ -288,3 +289,53 @@ def test_a_trained_base_or_a_plain_layer_takes_autograds_path():
     assert "LoRAProduct" not in type(out.grad_fn).__name__
     out.sum().backward()
     assert q.base.weight.grad is not None and q.base.bias.grad is not None
+
+
+class GainLoRA(lora.LoRA):
+    """A variant made up for the seam's test: a trained gain per output feature on the update, with a
+    tensor of its own and no fused path."""
+
+    fused = False
+
+    def shapes(self, base, rank):
+        return {**super().shapes(base, rank), "lora_gain": (base.out_features, 1)}
+
+    def init(self, layer, name):
+        super().init(layer, name)
+        nn.init.ones_(layer.lora_gain[name])
+
+    def delta(self, layer, name, x, base_out):
+        return super().delta(layer, name, x, base_out) * layer.lora_gain[name].squeeze(1).to(x.dtype)
+
+    def update(self, layer, name):
+        return super().update(layer, name) * layer.lora_gain[name].float()
+
+
+def test_a_variant_is_one_class_and_a_registry_line(tmp_path, monkeypatch):
+    """A variant's own tensor is trained, saved, loaded and merged through the seam, with nothing else
+    told about it; its unfused forward gives what merging it gives."""
+    monkeypatch.setitem(lora.VARIANTS, "gain", GainLoRA())
+    model = tiny_llama()
+    lora.apply_lora(model, lora.LoraConfig(rank=4, variant="gain"))
+    gains = {k: p for k, p in lora.adapter_params(model, "default").items() if k.endswith(".lora_gain")}
+    assert len(gains) == 2 * 7 and all(p.requires_grad for p in gains.values())
+    before = {k: p.detach().clone() for k, p in gains.items()}
+    train_a_few_steps(model, IDS)
+    assert all(not torch.equal(p, before[k]) for k, p in gains.items())
+    with torch.no_grad():
+        logits = model(IDS)
+    save_adapter(model, tmp_path / "gain")
+    assert (tmp_path / "gain" / "adapter.json").read_text().count('"variant": "gain"') == 1
+    with pytest.raises(LoraftError, match="carries plain LoRA"):
+        export_peft(tmp_path / "gain", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+    loaded = tiny_llama()
+    load_adapter(loaded, tmp_path / "gain")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), logits)
+        weight = loaded.trf_blocks[0].att.W_query.base.weight.clone()
+        lora.merge(loaded)
+        torch.testing.assert_close(loaded(IDS), logits)  # fp32 sums in another order
+        lora.unmerge(loaded)
+        torch.testing.assert_close(loaded.trf_blocks[0].att.W_query.base.weight, weight, atol=1e-6, rtol=0)

@@ -11,7 +11,18 @@ from torch import nn
 from . import __version__
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
-from .lora import LoraConfig, LoRALinear, adapter_names, adapter_params, adapter_state, add_module_to_save, apply_lora
+from .lora import (
+    VARIANTS,
+    LoraConfig,
+    LoRALinear,
+    ModuleToSave,
+    adapter_names,
+    adapter_params,
+    adapter_state,
+    add_module_to_save,
+    apply_lora,
+    base_parameters,
+)
 from .models import family_of
 from .weights import weights_fingerprint
 
@@ -22,7 +33,7 @@ FORMAT = "loraft-adapter/1"
 
 def base_fingerprint(model: nn.Module) -> str:
     if not hasattr(model, "fingerprint"):
-        model.fingerprint = weights_fingerprint(model.named_parameters())
+        model.fingerprint = weights_fingerprint(base_parameters(model))
     return model.fingerprint
 
 
@@ -116,7 +127,7 @@ def check_schema(meta: dict, file: Path):
             LoraConfig.of_adapter(meta)
         except LoraftError as e:
             raise LoraftError(f"{file}: {e}") from None
-    if meta.get("max_length", 1) < 1:
+    if meta.get("max_length") is not None and meta["max_length"] < 1:
         raise LoraftError(f"{file}: 'max_length' must be at least 1, not {meta['max_length']}")
     for module, spec in meta["modules_to_save"].items():
         sizes = isinstance(spec, dict) and all(
@@ -176,16 +187,30 @@ def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], f
         except AttributeError:
             raise LoraftError(f"adapter {folder} targets {module_name}, which this model does not have") from None
         linear = module.base if isinstance(module, LoRALinear) else module
-        expected = {"lora_A": (rank, linear.in_features), "lora_B": (linear.out_features, rank)}
-        for part, shape in expected.items():
+        if not isinstance(linear, nn.Linear):
+            raise LoraftError(f"adapter {folder} targets {module_name}, which is not a linear layer in this model")
+        for part, shape in VARIANTS[meta.get("variant", "lora")].shapes(linear, rank).items():
             tensor = tensors.get(f"{module_name}.{part}")
             if tensor is None or tuple(tensor.shape) != shape:
                 got = None if tensor is None else tuple(tensor.shape)
                 raise LoraftError(f"adapter {folder}: {module_name}.{part} should have shape {shape}, has {got}")
     for module_name, spec in meta["modules_to_save"].items():
-        weight = tensors.get(f"{module_name}.weight")
-        if weight is None or tuple(weight.shape) != (spec["out_features"], spec["in_features"]):
-            raise LoraftError(f"adapter {folder}: {module_name}.weight is missing or has the wrong shape")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise LoraftError(f"adapter {folder} trains {module_name}, which this model does not have") from None
+        original = module.original if isinstance(module, ModuleToSave) else module
+        if not isinstance(original, nn.Linear) or original.in_features != spec["in_features"]:
+            raise LoraftError(f"adapter {folder} trains {module_name}, which is not a linear layer of its width here")
+        if module_name in meta["target_modules"]:
+            raise LoraftError(f"adapter {folder} has both a LoRA and a trained copy of {module_name}")
+        expected = {"weight": (spec["out_features"], spec["in_features"])}
+        if spec["bias"]:
+            expected["bias"] = (spec["out_features"],)
+        for part, shape in expected.items():
+            tensor = tensors.get(f"{module_name}.{part}")
+            if tensor is None or tuple(tensor.shape) != shape:
+                raise LoraftError(f"adapter {folder}: {module_name}.{part} is missing or has the wrong shape")
     parameters = dict(model.named_parameters())
     for param_name in meta.get("trained_parameters", []):
         tensor = tensors.get(TRAINED_PREFIX + param_name)

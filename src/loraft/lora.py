@@ -26,9 +26,6 @@ ATTENTION = ["q", "k", "v", "o"]
 TARGET_ALIASES = {"attention": ATTENTION, "all-linear": [*ATTENTION, "mlp"]}
 
 
-VARIANTS = ("lora",)
-
-
 @dataclass(frozen=True)
 class LoraConfig:
     """One adapter's LoRA, carried whole from the command line to adapter.json (its keys, as written)."""
@@ -38,7 +35,7 @@ class LoraConfig:
     scaling: str = "standard"  # a key of SCALINGS
     targets: tuple[str, ...] = ("all-linear",)  # target groups, aliases or glob patterns over module names
     dropout: float = 0.0
-    variant: str = "lora"
+    variant: str = "lora"  # a key of VARIANTS
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -82,8 +79,47 @@ class AdapterState:
         return [] if self.active is None else [(self.active, None)]
 
 
+class LoRA:
+    """Plain LoRA, and the seam for its variants: a variant (DoRA, PiSSA, ...) subclasses it, overrides
+    what it does differently (its tensors and their init, its delta to the layer's output, its merge)
+    and gets a line in VARIANTS. Each tensor lives in a ParameterDict of the layer named by its key
+    (lora_A["default"]), under which adapter.safetensors stores it too."""
+
+    fused = True  # LoRAProduct computes this variant's forward and backward (plain LoRA's, written out)
+
+    def shapes(self, base: nn.Linear, rank: int) -> dict[str, tuple[int, int]]:
+        return {"lora_A": (rank, base.in_features), "lora_B": (base.out_features, rank)}
+
+    def init(self, layer: "LoRALinear", name: str):
+        """B = 0, so that a new adapter leaves the model as it was; A as nn.Linear initialises a weight."""
+        nn.init.kaiming_uniform_(layer.lora_A[name], a=math.sqrt(5))
+        nn.init.zeros_(layer.lora_B[name])
+
+    def delta(self, layer: "LoRALinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter `name` adds to the frozen layer's output `base_out` for the input `x`."""
+        A, B = layer.lora_A[name], layer.lora_B[name]
+        x = nn.functional.dropout(x, layer.dropout[name], layer.training)
+        # Under autocast the matmuls run in bf16 whatever A and B are stored in (fp32, for AdamW).
+        # The scale multiplies the rank-wide A x, not the wider output (LoRAProduct folds it into A).
+        return nn.functional.linear(nn.functional.linear(x, A.to(x.dtype)) * layer.scale[name], B.to(x.dtype))
+
+    def merged_weight(self, layer: "LoRALinear", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W with adapter `name` folded in, in fp32 (`weight`: W in fp32)."""
+        return weight + self.update(layer, name)
+
+    def unmerged_weight(self, layer: "LoRALinear", name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of merged_weight."""
+        return weight - self.update(layer, name)
+
+    def update(self, layer: "LoRALinear", name: str) -> torch.Tensor:
+        return (layer.lora_B[name].float() @ layer.lora_A[name].float()) * layer.scale[name]
+
+
+VARIANTS = {"lora": LoRA()}
+
+
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus named low-rank updates (A: rank x in, B: out x rank)."""
+    """A frozen nn.Linear plus named low-rank updates (A: rank x in, B: out x rank), each of its variant."""
 
     def __init__(self, base: nn.Linear, state: AdapterState):
         super().__init__()
@@ -93,34 +129,39 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.variant: dict[str, LoRA] = {}
 
-    def add_adapter(self, name: str, rank: int, scale: float, dropout: float = 0.0):
-        A = torch.empty(rank, self.base.in_features, dtype=torch.float32, device=self.base.weight.device)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.base.out_features, rank, device=A.device))
-        self.scale[name], self.dropout[name] = scale, dropout
+    def add_adapter(self, name: str, config: "LoraConfig"):
+        variant = VARIANTS[config.variant]
+        for key, shape in variant.shapes(self.base, config.rank).items():
+            if not hasattr(self, key):
+                self.add_module(key, nn.ParameterDict())
+            getattr(self, key)[name] = nn.Parameter(torch.empty(shape, device=self.base.weight.device))  # fp32
+        self.scale[name], self.dropout[name], self.variant[name] = config.scale, config.dropout, variant
+        with torch.no_grad():
+            variant.init(self, name)
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """What adapter `name` trains here: what is frozen, saved, loaded and exported derives from it."""
-        return {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
-
-    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        x = nn.functional.dropout(x, self.dropout[name], self.training)
-        # Under autocast the matmuls run in bf16 whatever A and B are stored in (fp32, for AdamW).
-        # The scale multiplies the rank-wide A x, not the wider output (LoRAProduct folds it into A).
-        return nn.functional.linear(nn.functional.linear(x, A.to(x.dtype)) * self.scale[name], B.to(x.dtype))
+        return {
+            key: tensors[name]
+            for key, tensors in self.named_children()
+            if isinstance(tensors, nn.ParameterDict) and name in tensors
+        }
 
     def routes(self) -> list:
         """(adapter, rows) pairs this layer adds: the state's routes with an adapter here, not merged."""
-        return [(name, rows) for name, rows in self.state.routes() if name in self.lora_A and name != self.state.merged]
+        return [
+            (name, rows) for name, rows in self.state.routes() if name in self.variant and name != self.state.merged
+        ]
 
     def fast_adapter(self) -> str | None:
-        """The adapter LoRAProduct can run: the one adapter over the whole batch, on a frozen base."""
+        """The adapter LoRAProduct can run: the one adapter over the whole batch, of a fused variant, on
+        a frozen base."""
         routes = self.routes()
         frozen = not self.base.weight.requires_grad and (self.base.bias is None or not self.base.bias.requires_grad)
-        return routes[0][0] if len(routes) == 1 and routes[0][1] is None and frozen else None
+        one = len(routes) == 1 and routes[0][1] is None and self.variant[routes[0][0]].fused
+        return routes[0][0] if one and frozen else None
 
     def forward(self, x):
         name = self.fast_adapter()
@@ -132,24 +173,22 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         for name, rows in self.routes():
             if rows is None:
-                out = out + self.delta(name, x).to(out.dtype)
+                out = out + self.variant[name].delta(self, name, x, out).to(out.dtype)
             else:
                 rows = rows.to(x.device)
-                out = out.index_add(0, rows, self.delta(name, x[rows]).to(out.dtype))
+                delta = self.variant[name].delta(self, name, x[rows], out[rows])
+                out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 
-    def update(self, name: str) -> torch.Tensor:
-        """scale * B A, in fp32: what merging adds to W."""
-        return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scale[name]
-
-    def merged_weight(self, name: str, sign: float = 1.0) -> torch.Tensor:
+    def merged_weight(self, name: str, unmerge: bool = False) -> torch.Tensor:
         with torch.no_grad():
-            weight = self.base.weight
-            return (weight.float() + sign * self.update(name)).to(weight.dtype)
+            weight, variant = self.base.weight, self.variant[name]
+            fold = variant.unmerged_weight if unmerge else variant.merged_weight
+            return fold(self, name, weight.float()).to(weight.dtype)
 
-    def merge(self, name: str, sign: float = 1.0):
+    def merge(self, name: str, unmerge: bool = False):
         with torch.no_grad():
-            self.base.weight.copy_(self.merged_weight(name, sign))
+            self.base.weight.copy_(self.merged_weight(name, unmerge))
 
 
 class LoRAProduct(torch.autograd.Function):
@@ -216,7 +255,7 @@ def concat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 def shared_input_linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """[layer(x) for layer in layers], for layers that read the same x (q, k and v; gate and up). When
     each is a LoRA layer running one adapter over the whole batch without dropout, one LoRAProduct
-    runs them all: their A products become one matrix product (SmolLM2 steps 4% faster, GPT-2 the same)."""
+    runs them all: their A products become one matrix product."""
     adapters = [layer.fast_adapter() if isinstance(layer, LoRALinear) else None for layer in layers]
     if (
         len(layers) == 1
@@ -307,9 +346,9 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, state)
             replace_module(model, module_name, module)
-        if name in module.lora_A:
+        if name in module.variant:
             raise LoraftError(f"adapter {name!r} already exists on {module_name}")
-        module.add_adapter(name, config.rank, config.scale, config.dropout)
+        module.add_adapter(name, config)
     state.configs[name] = dict(**config.as_dict(), target_modules=chosen, modules_to_save={})
     set_active(model, name)
     mark_trainable(model, name)
@@ -341,7 +380,7 @@ def adapter_params(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     for module_name, module in model.named_modules():
         if (
             isinstance(module, LoRALinear)
-            and name in module.lora_A
+            and name in module.variant
             or isinstance(module, ModuleToSave)
             and name in module.copies
         ):
@@ -354,11 +393,24 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name in adapter_names(model) for p in adapter_params(model, name).values()]
 
 
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The base model's parameters, named as they are without the LoRA wrappers, adapters left out."""
+    unwrapped = {f"{name}.base": name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    unwrapped |= {f"{name}.original": name for name, m in model.named_modules() if isinstance(m, ModuleToSave)}
+    adapters = {id(p) for p in adapter_parameters(model)}
+    params = []
+    for name, param in model.named_parameters():
+        if id(param) not in adapters:
+            module, _, leaf = name.rpartition(".")
+            params.append((f"{unwrapped.get(module, module)}.{leaf}" if module else leaf, param))
+    return params
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     names = set()
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            names.update(module.lora_A.keys())
+            names.update(module.variant)
         elif isinstance(module, ModuleToSave):
             names.update(module.copies.keys())
     return sorted(names)
@@ -403,7 +455,7 @@ def merge(model: nn.Module, name: str | None = None):
     if state.merged is not None:
         raise LoraftError(f"adapter {state.merged!r} is already merged")
     set_active(model, name)
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and name in m.lora_A]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and name in m.variant]
     for module in layers:  # every layer checked before any W changes, as PEFT's safe_merge does
         if not torch.isfinite(module.merged_weight(name)).all():
             raise LoraftError(
@@ -422,8 +474,8 @@ def unmerge(model: nn.Module):
     if state.merged is None:
         return
     for module in model.modules():
-        if isinstance(module, LoRALinear) and state.merged in module.lora_A:
-            module.merge(state.merged, sign=-1.0)
+        if isinstance(module, LoRALinear) and state.merged in module.variant:
+            module.merge(state.merged, unmerge=True)
     state.merged = None
 
 

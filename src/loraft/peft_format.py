@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import read_adapter
+from .adapters import check_finite, read_adapter
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
 from .lora import SCALINGS, LoraConfig, LoRALinear, adapter_names, add_module_to_save, apply_lora
@@ -83,6 +83,8 @@ def export_peft(adapter_dir, out_dir) -> Path:
     targets, heads = meta["target_modules"], meta["modules_to_save"]
     if not targets:
         raise LoraftError(f"adapter {adapter_dir} has no LoRA layers, which a PEFT LoRA adapter needs")
+    if meta.get("variant", "lora") != "lora":
+        raise LoraftError(f"adapter {adapter_dir} is a {meta['variant']!r} LoRA; PEFT export carries plain LoRA")
     if meta.get("trained_parameters"):
         raise LoraftError(
             f"adapter {adapter_dir} trains base parameters in place, which a PEFT LoRA adapter cannot carry"
@@ -173,8 +175,35 @@ def read_peft(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     for option, value in config.items():
         if option not in NEUTRAL_OPTIONS and value:
-            raise LoraftError(f"{config_file}: PEFT option {option}={value!r} is not supported")
-    return config, read_safetensors(weights_file)
+            shown = option if option.isprintable() else repr(option)  # a newline in a name: still one line
+            raise LoraftError(f"{config_file}: PEFT option {shown}={value!r:.60} is not supported")
+    check_options(config, config_file)
+    tensors = read_safetensors(weights_file)
+    check_finite(tensors, f"{weights_file} cannot be used")
+    return config, tensors
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+OPTION_KINDS = {  # the options import_peft reads: what each must be, when given
+    "lora_alpha": (is_number, "a finite number"),
+    "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(is_number, v.values())), "an object of numbers"),
+}
+
+
+def check_options(config: dict, config_file: Path):
+    for option, (fits, kind) in OPTION_KINDS.items():
+        if option in config and not fits(config[option]):
+            raise LoraftError(f"{config_file}: {option} must be {kind}, not {config[option]!r:.60}")
+    for key in config.get("alpha_pattern", {}):
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise LoraftError(f"{config_file}: alpha_pattern key {key!r} is not a regular expression ({e})") from None
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -237,7 +266,7 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
         A, B = lora["lora_A"], lora["lora_B"]
         parts = modules[module]
         sizes = [linear(model, part).out_features for part in parts]
-        if A.shape[1] != linear(model, parts[0]).in_features or B.shape != (sum(sizes), A.shape[0]):
+        if A.dim() != 2 or A.shape[1] != linear(model, parts[0]).in_features or B.shape != (sum(sizes), len(A)):
             shapes = f"A {tuple(A.shape)}, B {tuple(B.shape)}"
             raise LoraftError(f"{peft_dir}: the LoRA on {module} ({shapes}) does not fit this model")
         module_alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", PEFT_ALPHA))

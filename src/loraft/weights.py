@@ -155,12 +155,10 @@ def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Te
 
 def weights_fingerprint(named_parameters) -> str:
     """A short hash identifying pretrained weights: a strided sample of every tensor, rounded to
-    bf16 so the same weights loaded in fp32 or bf16 agree. The output head is left out (tasks replace
-    it) and so are LoRA wrappers' own names (".base" is dropped)."""
+    bf16 so the same weights loaded in fp32 or bf16 agree. The output head is left out: tasks replace it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(named_parameters):
-        name = name.replace(".base.", ".").replace(".original.", ".")
-        if "lora_" in name or ".copies." in name or name.startswith("out_head"):
+        if name.startswith("out_head"):
             continue
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)].to(torch.bfloat16).cpu()
