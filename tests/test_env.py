@@ -161,7 +161,8 @@ def test_every_probe_failing_still_renders(monkeypatch):
     monkeypatch.setattr(env, "platform", None)  # the python and platform probes: None has no python_version()
     report = env.collect()
     assert report["python"] == report["gpus"] == report["cpu"]["bf16"] == report["libraries"]["gguf"] == "unknown"
-    assert len(report["errors"]) == 3 + 4 + 4 + len(report["models"]) + 5 + len(env.LIBRARIES)
+    data_copies = sum(len(copies) for copies in env.DATA_COPIES.values())
+    assert len(report["errors"]) == 3 + 4 + 4 + len(report["models"]) + data_copies + len(env.LIBRARIES)
     text = env.render(json.loads(json.dumps(report)))
     assert "python           unknown" in text and "unknown: libraries.peft (RuntimeError: probe broke)" in text
 

@@ -105,6 +105,13 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def epoch_batches(token_lists: list, batch_size: int, seed: list[int], make_batch) -> list:
+    """An epoch's training batches: `make_batch(row indices)` of each group of length_bucketed_batches,
+    shuffled by `seed` (the run's seed and the epoch)."""
+    rows = length_bucketed_batches([len(t) for t in token_lists], batch_size, np.random.default_rng(seed))
+    return [make_batch(r) for r in rows]
+
+
 class ClassificationTask:
     """Training batches, loss and validation metrics for `Trainer`."""
 
@@ -115,17 +122,11 @@ class ClassificationTask:
         self.train_tokens = fmt.encode(tokenizer, data.train.texts)
 
     def train_batches(self, epoch: int, batch_size: int) -> list[Batch]:
-        rng = np.random.default_rng([self.seed, epoch])
-        rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
-        return [
-            collate(
-                [self.train_tokens[i] for i in r],
-                [self.data.train.labels[i] for i in r],
-                self.tokenizer.pad_id,
-                self.fmt.max_length,
-            )
-            for r in rows
-        ]
+        def batch(rows):
+            labels = [self.data.train.labels[i] for i in rows]
+            return collate([self.train_tokens[i] for i in rows], labels, self.tokenizer.pad_id, self.fmt.max_length)
+
+        return epoch_batches(self.train_tokens, batch_size, [self.seed, epoch], batch)
 
     def loss(self, model, batch: Batch):
         logits = classify_logits(model, batch, self.fmt.pooling)

@@ -81,14 +81,9 @@ def cmd_instruct(args):
     from .instruct import train_instruct
 
     train_instruct(
-        data=args.data,
-        val_file=args.val_file,
-        test_file=args.test_file,
-        template=args.template,
-        mask_prompt=args.mask_prompt,
+        **flags(args, "data", "data_from_github", "val_file", "test_file", "template", "mask_prompt"),
+        **flags(args, "max_length", "max_new_tokens"),
         lora_config=lora_config(args),
-        max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens,
         **train_options(args),
     )
 
@@ -143,56 +138,32 @@ def train_options(args) -> dict:
             pick_device(args.device).type == "cpu" and compiler_found() and family_to_load(args.model).compile_on_cpu
         )
     cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        schedule=args.schedule,
-        grad_accum=args.grad_accum,
-        clip=args.clip,
-        eval_every=args.eval_every,
-        seed=args.seed,
+        **flags(args, "epochs", "batch_size", "lr", "weight_decay", "warmup", "schedule", "grad_accum", "clip"),
+        **flags(args, "eval_every", "seed", "gradient_checkpointing", "device", "skip_nonfinite", "save_every"),
         bf16=not args.no_bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
         compile=compile,
-        device=args.device,
-        skip_nonfinite=args.skip_nonfinite,
-        save_every=args.save_every,
     )
-    return dict(
-        train=cfg,
-        out=args.out,
-        model=args.model,
-        weights=args.weights,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-    )
+    return dict(train=cfg, **flags(args, "out", "model", "weights", "resume", "overwrite", "quiet"))
 
 
 def lora_config(args):
     """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: its grid gives them)."""
     from .lora import LoraConfig
 
-    fields = ("rank", "alpha", "scaling", "targets", "dropout")
-    return LoraConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    return LoraConfig(
+        **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)])
+    )
+
+
+def flags(args, *names: str) -> dict:
+    """The parsed flags `names` as keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
 
 
 def classifier_options(args) -> dict:
+    data = flags(args, "data", "data_file", "data_from_uci", "text_column", "label_column", "val_file", "test_file")
     return dict(
-        data=args.data,
-        data_file=args.data_file,
-        data_from_uci=args.data_from_uci,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        val_file=args.val_file,
-        test_file=args.test_file,
-        lora_config=lora_config(args),
-        max_length=args.max_length,
-        pooling=args.pooling,
-        template=args.template,
-        **train_options(args),
+        **data, **flags(args, "max_length", "pooling", "template"), lora_config=lora_config(args), **train_options(args)
     )
 
 
@@ -427,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
     add_model_flags(n)
     n.add_argument(
         "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file"
+    )
+    n.add_argument(
+        "--data-from-github",
+        action="store_true",
+        help="download the book's file from its GitHub repository (default: the copy inside loraft)",
     )
     n.add_argument("--val-file")
     n.add_argument("--test-file")

@@ -189,7 +189,8 @@ DATA_COPIES = {
     ],
     instruction.BOOK_DATA: [
         ("LORAFT_DATA_DIR", lambda: data_dir() and data_dir() / "instruction" / "instruction-data.json"),
-        ("cache", lambda: cache_dir() / "instruction-data.json"),
+        ("package", lambda: instruction.EMBEDDED),
+        ("cache", lambda: cache_dir() / "instruction-data.json"),  # what --data-from-github downloads
     ],
 }
 

@@ -6,12 +6,11 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import lora
-from .classifier import length_bucketed_batches
+from .classifier import epoch_batches
 from .data.instruction import (
     BOOK_DATA,
     DEFAULT_TEMPLATE,
@@ -53,16 +52,11 @@ class InstructionTask:
         self.train_tokens, self.train_prompt_lengths = encode_examples(tokenizer, data.train, template, max_length)
 
     def train_batches(self, epoch: int, batch_size: int) -> list[Batch]:
-        rng = np.random.default_rng([self.seed, epoch])
-        rows = length_bucketed_batches([len(t) for t in self.train_tokens], batch_size, rng)
-        return [
-            collate(
-                [self.train_tokens[i] for i in r],
-                self.tokenizer.pad_id,
-                [self.train_prompt_lengths[i] for i in r] if self.mask_prompt else None,
-            )
-            for r in rows
-        ]
+        def batch(rows):
+            prompt_lengths = [self.train_prompt_lengths[i] for i in rows] if self.mask_prompt else None
+            return collate([self.train_tokens[i] for i in rows], self.tokenizer.pad_id, prompt_lengths)
+
+        return epoch_batches(self.train_tokens, batch_size, [self.seed, epoch], batch)
 
     def loss(self, model, batch: Batch):
         losses, _ = token_losses(model, batch)
@@ -257,6 +251,7 @@ def train_instruct(
     model=DEFAULT_MODEL,
     weights=None,
     data=BOOK_DATA,
+    data_from_github=False,
     val_file=None,
     test_file=None,
     template=DEFAULT_TEMPLATE,
@@ -275,7 +270,7 @@ def train_instruct(
     options = {k: v for k, v in locals().items() if k not in ("train", "lora_config")} | lora_config.as_dict()
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
-    dataset = load_instruction_data(data, val_file, test_file, (train or TrainConfig()).seed)
+    dataset = load_instruction_data(data, val_file, test_file, (train or TrainConfig()).seed, data_from_github)
     format_prompt("", "", template)  # an unknown template fails here, before anything is written
     job = InstructionJob(dataset, template, max_length, mask_prompt, max_new_tokens)
     report = run_job(job, options, out, model, weights, lora_config, resume, overwrite, quiet, train)

@@ -1,4 +1,5 @@
-"""The public data inside the package: the SMS Spam Collection and GPT-2's BPE files load with no
+"""The public data inside the package: the SMS Spam Collection, the book's instruction data and
+GPT-2's BPE files load with no
 network, no LORAFT_DATA_DIR and an empty home and cache, equal the shared copies, are refused when
 they are not the published files, and travel in the wheel."""
 
@@ -15,7 +16,8 @@ import pytest
 import tiktoken
 
 from loraft import tokenizer
-from loraft.data import sms_spam
+from loraft.data import instruction, sms_spam
+from loraft.data.instruction import book_file, load_instruction_data
 from loraft.data.sms_spam import load_sms_spam, sms_spam_file
 from loraft.errors import LoraftError
 from loraft.tokenizer import GPT2Tokenizer
@@ -23,6 +25,7 @@ from loraft.tokenizer import GPT2Tokenizer
 from ..conftest import DATA_DIR, SMS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
+BOOK_FILE = DATA_DIR / "instruction" / "instruction-data.json"
 PACKAGED = {  # path inside the wheel -> the shared copy it must equal byte for byte (None: no copy there)
     "loraft/data/sms_spam_collection/SMSSpamCollection": SMS_FILE,
     "loraft/data/sms_spam_collection/readme": DATA_DIR / "sms_spam_collection" / "readme",
@@ -30,6 +33,8 @@ PACKAGED = {  # path inside the wheel -> the shared copy it must equal byte for 
     "loraft/data/gpt2_tokenizer/encoder.json": DATA_DIR / "gpt2_tokenizer" / "encoder.json",
     "loraft/data/gpt2_tokenizer/vocab.bpe": DATA_DIR / "gpt2_tokenizer" / "vocab.bpe",
     "loraft/data/gpt2_tokenizer/LICENSE.txt": None,
+    "loraft/data/instruction_data/instruction-data.json": BOOK_FILE,
+    "loraft/data/instruction_data/LICENSE.txt": None,
 }
 
 
@@ -191,6 +196,46 @@ def test_an_unusable_tiktoken_cache_fails_clearly(offline, tmp_path, monkeypatch
     assert "set TIKTOKEN_CACHE_DIR to a writable folder" in one_line(error)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's cache off
     assert GPT2Tokenizer().encode("Hello world") == [15496, 995]
+
+
+# ---------------------------------------------------------------- the book's instruction data
+
+
+def test_instruction_data_loads_from_the_package_offline(offline):
+    assert book_file() == instruction.EMBEDDED and instruction.EMBEDDED.read_bytes() == BOOK_FILE.read_bytes()
+    assert load_instruction_data().sizes() == {"train": 935, "val": 55, "test": 110}
+    assert files_under(offline) == []
+
+
+def test_a_changed_instruction_copy_is_refused(offline, tmp_path, monkeypatch):
+    changed = tmp_path / "instruction-data.json"
+    changed.write_bytes(BOOK_FILE.read_bytes().replace(b"Ocassion", b"Occasion", 1))
+    monkeypatch.setattr(instruction, "EMBEDDED", changed)
+    with pytest.raises(LoraftError, match=f"{changed} is not the book's instruction-data.json") as error:
+        load_instruction_data()
+    assert "reinstall loraft, or pass a copy with --data FILE.json" in one_line(error)
+    assert load_instruction_data(str(changed)).sizes() == {"train": 935, "val": 55, "test": 110}  # on purpose: loads
+
+
+def test_the_github_download_on_request(offline, monkeypatch):
+    """from_github: the real download code (from a local copy), once, into the cache, chosen over
+    LORAFT_DATA_DIR; a bad cached copy and a failed download each give one line."""
+    monkeypatch.setattr(instruction, "URL", BOOK_FILE.as_uri())
+    monkeypatch.setenv("LORAFT_DATA_DIR", str(DATA_DIR))
+    cached = offline[1] / "instruction-data.json"
+    assert book_file(from_github=True) == cached and cached.read_bytes() == BOOK_FILE.read_bytes()
+    monkeypatch.setattr(instruction, "URL", "file:///nowhere/instruction-data.json")  # the cache is read
+    assert load_instruction_data(from_github=True) == load_instruction_data()
+    cached.write_bytes(b"[]")
+    with pytest.raises(LoraftError, match="delete it to download it again") as error:
+        book_file(from_github=True)
+    one_line(error)
+    cached.unlink()
+    with pytest.raises(LoraftError, match="could not download instruction-data.json") as error:
+        book_file(from_github=True)
+    assert "leave out --data-from-github" in one_line(error)
+    with pytest.raises(LoraftError, match="cannot go with --data"):
+        load_instruction_data(str(BOOK_FILE), from_github=True)
 
 
 # ---------------------------------------------------------------- the wheel

@@ -9,13 +9,16 @@ import numpy as np
 import torch
 
 from ..errors import LoraftError
-from ..files import cache_dir, data_dir, download_checked
+from ..files import cache_dir, checked_file, data_dir, download_checked
 from ..tokenizer import check_unicode
 from .classification import check_keys_unique, check_no_split_empty, json_type, parse_json, read_rows, read_text_file
 
 BOOK_DATA = "instruction-data"  # --data name of the book's file
 URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
 SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+# The book's file as it is, inside the package (Apache-2.0; attribution in LICENSE.txt beside it).
+EMBEDDED = Path(__file__).parent / "instruction_data" / "instruction-data.json"
+WHAT = "book's instruction-data.json"
 KEYS = ("instruction", "input", "output")
 
 TEMPLATES = ("alpaca", "chat")
@@ -48,20 +51,28 @@ class InstructionData:
 # ---------------------------------------------------------------- files
 
 
-def book_file() -> Path:
-    """$LORAFT_DATA_DIR/instruction/instruction-data.json, else our cache, else downloaded from the
-    book's repository (sha256-checked, then cached)."""
-    if data_dir() and (data_dir() / "instruction" / "instruction-data.json").is_file():
-        return data_dir() / "instruction" / "instruction-data.json"
-    cached = cache_dir() / "instruction-data.json"
-    if not cached.is_file():
-        download(cached)
-    return cached
+def book_file(from_github: bool = False) -> Path:
+    """With `from_github`, the book's file downloaded once from its repository into our cache; else
+    $LORAFT_DATA_DIR/instruction/instruction-data.json when there; else the copy inside the package.
+    Each must have the book's sha256."""
+    if from_github:
+        cached = cache_dir() / "instruction-data.json"
+        if not cached.is_file():
+            download(cached)
+        return checked_file(cached, SHA256, WHAT, "delete it to download it again")
+    local = data_dir() / "instruction" / "instruction-data.json" if data_dir() else None
+    if local and local.is_file():
+        return checked_file(local, SHA256, WHAT, "pass a file of your own with --data FILE.json")
+    return checked_file(EMBEDDED, SHA256, WHAT, "reinstall loraft, or pass a copy with --data FILE.json")
 
 
 def download(target: Path):
     download_checked(
-        URL, SHA256, target, "instruction-data.json", "pass a local copy with --data FILE.json or set LORAFT_DATA_DIR"
+        URL,
+        SHA256,
+        target,
+        "instruction-data.json",
+        "leave out --data-from-github to use the copy inside the package, or pass one with --data FILE.json",
     )
 
 
@@ -109,10 +120,15 @@ def split_examples(examples: list[Example], seed: int) -> tuple[list, list, list
     return shuffled[:n_train], shuffled[n_train + n_test :], shuffled[n_train : n_train + n_test]
 
 
-def load_instruction_data(data: str = BOOK_DATA, val_file=None, test_file=None, seed: int = 123) -> InstructionData:
-    """The book's examples or a user's file, split by `seed`; separate validation/test files replace
-    those parts of the split (the file then trains on what is left)."""
-    examples = read_examples(book_file() if data == BOOK_DATA else data)
+def load_instruction_data(
+    data: str = BOOK_DATA, val_file=None, test_file=None, seed: int = 123, from_github: bool = False
+) -> InstructionData:
+    """The book's examples (`from_github`: downloaded, see book_file) or a user's file, split by
+    `seed`; separate validation/test files replace those parts of the split (the file then trains on
+    what is left)."""
+    if from_github and data != BOOK_DATA:
+        raise LoraftError(f"--data-from-github downloads the book's file; it cannot go with --data {data}")
+    examples = read_examples(book_file(from_github) if data == BOOK_DATA else data)
     train, val, test = split_examples(examples, seed)
     if val_file or test_file:
         train = train + (val if val_file else []) + (test if test_file else [])

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import weights
 from ..errors import LoraftError
-from ..tokenizer import GGUFTokenizer, GPT2Tokenizer
+from ..tokenizer import GGUFTokenizer
 from . import gpt2, llama
 from .family import Family
 
@@ -155,7 +155,7 @@ def load_hf_checkpoint(folder, dtype=torch.float32) -> nn.Module:
     return from_hf_checkpoint(family, family.config_from_hf(hf_config), tensors, str(folder), dtype)
 
 
-def load_hub_model(info: ModelInfo, weights_path: str | None, dtype) -> tuple[nn.Module, GPT2Tokenizer]:
+def load_hub_model(info: ModelInfo, weights_path: str | None, dtype) -> tuple[nn.Module, object]:
     """A model named for its hub repository, from the hub or a local copy (--weights)."""
     if weights_path:
         tensors, hf_config = weights.local_hf_checkpoint(Path(weights_path))
@@ -165,4 +165,4 @@ def load_hub_model(info: ModelInfo, weights_path: str | None, dtype) -> tuple[nn
     if hf_config is not None and family_named(hf_config.get("model_type"), source) is not family:
         raise LoraftError(f"{source}: config.json describes a {hf_config.get('model_type')} model, not {family.name}")
     config = family.config_from_hf(hf_config) if hf_config else info.config  # a bare file: the named size
-    return from_hf_checkpoint(family, config, tensors, source, dtype), GPT2Tokenizer()
+    return from_hf_checkpoint(family, config, tensors, source, dtype), family.hf_tokenizer()

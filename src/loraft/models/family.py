@@ -19,6 +19,9 @@ class Family:
     hf_model_types: tuple[str, ...]  # config.json's "model_type" values this family reads
     config_from_hf: Callable[[dict], object]
     from_hf_state_dict: Callable[[dict[str, torch.Tensor], object], dict[str, torch.Tensor]]
+    # The tokenizer that goes with its Hugging Face checkpoints (None: this family's tokenizer comes from
+    # a GGUF's metadata only); a GGUF's own tokenizer needs no family.
+    hf_tokenizer: Callable[[], object] | None = None
     compile_on_cpu: bool = False  # whether `loraft train` compiles its blocks by default on a CPU
     gguf_architectures: tuple[str, ...] = ()  # GGUF "general.architecture" values this family reads
     config_from_gguf: Callable[[dict], object] | None = None

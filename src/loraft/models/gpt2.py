@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..lora import shared_input_linears
+from ..tokenizer import GPT2Tokenizer
 from .family import Family
 from .kv_cache import LayerCache, causal_attention
 
@@ -207,4 +208,5 @@ FAMILY = Family(
     hf_model_types=("gpt2",),
     config_from_hf=config_from_hf,
     from_hf_state_dict=from_hf_state_dict,
+    hf_tokenizer=GPT2Tokenizer,
 )
