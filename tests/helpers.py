@@ -8,9 +8,13 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
+from loraft import lora
+from loraft.adapters import adapter_tensors, save_adapter
 from loraft.models import gpt2, llama
+from loraft.peft_format import export_peft, import_peft
 
 # A tiny Llama with grouped-query attention (6 query heads, 2 key/value heads).
 TINY_LLAMA = dict(vocab_size=300, context_length=64, emb_dim=48, n_heads=6, n_kv_heads=2, n_layers=2, hidden_dim=96)
@@ -70,3 +74,38 @@ def kill_once_logged(process, metrics: Path, rows: int, seconds: float, kill=os.
             kill(process.pid, signal.SIGKILL)
             return
         time.sleep(0.02)
+
+
+def randomise(model, seed=0, std=0.05):
+    """Random values for everything trainable: LoRA matrices, and heads. A fresh B is zero, which would
+    make any conversion look right."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def export_and_compare(model, hf_model, ids, folder, classify):
+    """Save and export adapter "default" of `model`, run it in PEFT, compare; then import the export
+    back onto `model` and check that nothing changed on the way."""
+    with torch.no_grad():
+        ours = model(ids)
+        if not classify:  # (a new head does something anyway)
+            lora.set_active(model, None)
+            assert (ours - model(ids)).abs().max() > 0.05  # the adapter does something worth comparing
+            lora.set_active(model, "default")
+    save_adapter(model, folder / "loraft")
+    export_peft(folder / "loraft", folder / "peft")
+
+    peft_model = PeftModel.from_pretrained(hf_model, folder / "peft").eval()
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    assert (expected - (ours[:, -1] if classify else ours)).abs().max() <= 1e-3
+
+    import_peft(folder / "peft", model, name="back")
+    with torch.no_grad():
+        assert torch.equal(model(ids), ours)
+    back, original = adapter_tensors(model, "back"), adapter_tensors(model, "default")
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)

@@ -8,30 +8,20 @@ import shutil
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loraft import lora
-from loraft.adapters import adapter_tensors, load_adapter, save_adapter
+from loraft.adapters import load_adapter, save_adapter
 from loraft.errors import LoraftError
 from loraft.models import load_model
 from loraft.peft_format import export_peft, import_peft
 
-from .helpers import tiny_llama
+from .helpers import export_and_compare, randomise, tiny_llama
 
 GPT2_CONFIG = dict(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
 GPT2_IDS = torch.randint(1, 1000, (2, 12), generator=torch.Generator().manual_seed(1))  # no 0: the pad id
 PROMPT = "The capital of France is"
-
-
-def randomise(model, seed=0, std=0.05):
-    """Random values for everything trainable: LoRA matrices, and heads. A fresh B is zero, which would
-    make any conversion look right."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 @pytest.fixture(scope="module")
@@ -62,31 +52,6 @@ def hf_smollm2_classifier(hf_smollm2):
     model.model = copy.deepcopy(hf_smollm2.model)
     model.score = nn.Linear(config.hidden_size, 2, bias=False)
     return model.eval()
-
-
-def export_and_compare(model, hf_model, ids, folder, classify):
-    """Save and export adapter "default" of `model`, run it in PEFT, compare; then import the export
-    back onto `model` and check that nothing changed on the way."""
-    with torch.no_grad():
-        ours = model(ids)
-        if not classify:  # (a new head does something anyway)
-            lora.set_active(model, None)
-            assert (ours - model(ids)).abs().max() > 0.05  # the adapter does something worth comparing
-            lora.set_active(model, "default")
-    save_adapter(model, folder / "loraft")
-    export_peft(folder / "loraft", folder / "peft")
-
-    peft_model = PeftModel.from_pretrained(hf_model, folder / "peft").eval()
-    with torch.no_grad():
-        expected = peft_model(ids).logits
-    assert (expected - (ours[:, -1] if classify else ours)).abs().max() <= 1e-3
-
-    import_peft(folder / "peft", model, name="back")
-    with torch.no_grad():
-        assert torch.equal(model(ids), ours)
-    back, original = adapter_tensors(model, "back"), adapter_tensors(model, "default")
-    assert back.keys() == original.keys()
-    assert all(torch.equal(back[key], original[key]) for key in original)
 
 
 @pytest.mark.parametrize(

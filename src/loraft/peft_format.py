@@ -3,7 +3,8 @@
 PEFT names modules as transformers does (model.layers.0.self_attn.q_proj, transformer.h.0.attn.c_attn)
 and scales each LoRA by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), per module through
 rank_pattern and alpha_pattern. transformers' GPT-2 computes query, key and value with one fused
-c_attn, so our three LoRAs become one there: A stacked, B block-diagonal, which is exact.
+c_attn (Phi-3 its q, k, v with one qkv_proj and gate, up with one
+gate_up_proj), so our LoRAs on the parts become one there: A stacked, B block-diagonal, which is exact.
 """
 
 import math
@@ -105,16 +106,20 @@ def export_peft(adapter_dir, out_dir) -> Path:
     rank, rslora = meta["rank"], meta["scaling"] == "rslora"
     # PEFT divides lora_alpha by r (or sqrt(r)); the book's scaling is alpha alone.
     alpha = meta["alpha"] * rank if meta["scaling"] == "book" else meta["alpha"]
-    emb_dim = meta["base_config"]["emb_dim"]
+    with torch.device("meta"):
+        base = family.model(family.config(**meta["base_config"]))
     weights, rank_pattern, alpha_pattern = {}, {}, {}
     for theirs, parts in modules.items():
         chosen = [part for part in parts if part in targets]
         if not chosen:
             continue
         weights[f"{PREFIX}{theirs}.lora_A.weight"] = torch.cat([tensors[f"{part}.lora_A"] for part in chosen])
-        # Rows of a fused c_attn whose projection has no LoRA (emb_dim each) stay zero.
+        # Rows of a fused projection (GPT-2's c_attn, Phi-3's qkv_proj) whose part has no LoRA stay zero.
         weights[f"{PREFIX}{theirs}.lora_B.weight"] = torch.block_diag(
-            *[tensors[f"{part}.lora_B"] if part in targets else torch.zeros(emb_dim, 0) for part in parts]
+            *[
+                tensors[f"{part}.lora_B"] if part in targets else torch.zeros(linear(base, part).out_features, 0)
+                for part in parts
+            ]
         )
         if len(chosen) > 1:  # k stacked LoRAs: rank k*r, and alpha grows with it to keep the scale
             rank_pattern[theirs] = rank * len(chosen)
@@ -274,7 +279,7 @@ def import_peft(peft_dir, model: nn.Module, name: str = "default") -> dict:
         for part, B_part in zip(parts, B.split(sizes)):
             A_part, used = A, B_part.any(0)
             if len(parts) > 1 and B.any():
-                # A fused c_attn: keep the columns this projection's rows use, so that what export_peft
+                # A fused projection: keep the columns this projection's rows use, so that what export_peft
                 # stacked comes apart again; a projection that uses none had no LoRA.
                 if not used.any():
                     continue

@@ -1,57 +1,284 @@
-"""Each model family against transformers, litgpt's test_against_hf_* way: a tiny random-weight
-checkpoint written by transformers from the family's config, loaded into loraft, gives the same
-logits and the same greedy tokens."""
+"""Each model family against transformers, litgpt's test_against_hf_* way: a random-weight checkpoint
+written by transformers from the family's real config (blocks cut to a few) is loaded into loraft and
+gives the same logits, the same greedy tokens, and the same logits again with the KV cache.
+
+Each family is tested twice: with its real hidden sizes, head counts and RoPE settings (one or two
+blocks, a small vocabulary), and shrunk to tiny widths that keep every switch (GQA, biases, q/k norm,
+partial rotary, RoPE scaling) so that the rest of the suite runs in seconds."""
+
+import json
 
 import pytest
 import torch
 import transformers
+from torch import nn
 
+from loraft import lora
 from loraft.errors import LoraftError
 from loraft.generate import generate
 from loraft.models import load_hf_checkpoint
 
+from ..helpers import export_and_compare, randomise
+
 PROMPT = [5, 17, 42, 250, 3, 99, 7]
 
+# The config.json of each family's real checkpoint on the hub (only what differs from the defaults of
+# transformers' config class), for the models of `loraft models`.
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+REAL = {
+    "llama-3.2-1b": (
+        "Llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters=LLAMA3_ROPE,
+        ),
+    ),
+    "smollm2-360m": (
+        "Llama",
+        dict(
+            hidden_size=960,
+            intermediate_size=2560,
+            num_attention_heads=15,
+            num_key_value_heads=5,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+        ),
+    ),
+    "mistral-7b-v0.1": (
+        "Mistral",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            sliding_window=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
+    "qwen2.5-0.5b": (
+        "Qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
+    "qwen3-0.6b": (
+        "Qwen3",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
+    ),
+    "phi-4-mini": (
+        "Phi3",
+        dict(
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            partial_rotary_factor=0.75,
+            sliding_window=262144,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                short_factor=[1.0 + 0.05 * i for i in range(48)],  # 48 = 128 * 0.75 / 2 rotated pairs
+                long_factor=[1.0 + 0.5 * i for i in range(48)],
+            ),
+        ),
+    ),
+}
+# The same switches at tiny widths: 4 query heads and 2 key/value heads of 16 dimensions.
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_CHANGES = {
+    "qwen3-0.6b": dict(head_dim=32),  # wider than hidden_size / heads, as Qwen3's
+    "phi-4-mini": dict(
+        head_dim=None,
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_parameters=dict(
+            rope_type="longrope",
+            rope_theta=10000.0,
+            short_factor=[1.0, 1.3, 1.7, 2.2, 3.0, 4.1],
+            long_factor=[2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+        ),
+    ),
+    "mistral-7b-v0.1": dict(sliding_window=64),
+}
 
-def hf_llama(folder, **changes):
-    """A random LlamaForCausalLM with grouped-query attention, saved as a checkpoint folder."""
-    options = dict(
-        vocab_size=300,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        eos_token_id=None,  # greedy decoding runs its 12 tokens, as ours does without stop ids
-    )
+
+def hf_checkpoint(folder, name, tiny=True, vocab_size=300, layers=2, **changes):
+    """A random-weight transformers model of `name`'s family, saved as a checkpoint folder."""
+    kind, real = REAL[name]
+    options = {**real, "vocab_size": vocab_size, "num_hidden_layers": layers, "eos_token_id": None, "pad_token_id": 0}
+    if tiny:
+        options |= TINY | TINY_CHANGES.get(name, {})
+    options = {key: value for key, value in {**options, **changes}.items() if value is not None}
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**options, **changes})).eval()
+    config = getattr(transformers, f"{kind}Config")(**options)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():  # weights large enough that a wrong layout changes the logits and the tokens
         for param in model.parameters():
-            param.normal_(0, 0.3 if param.dim() > 1 else 1.0)
+            if param.dim() > 1:
+                param.normal_(0, 2 / param.shape[-1] ** 0.5)
+            else:
+                param.normal_(1 if param.shape[0] == config.hidden_size else 0, 0.5)
     model.save_pretrained(folder)
     return model
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_llama_checkpoint_gives_the_logits_and_greedy_tokens_of_transformers(tmp_path, tied):
-    reference = hf_llama(tmp_path, tie_word_embeddings=tied)
-    model = load_hf_checkpoint(tmp_path).eval()
-    assert model.config.rope_base == 500000.0 and model.config.n_kv_heads == 2
-    assert (model.out_head.weight is model.tok_emb.weight) == tied
-    ids = torch.tensor([PROMPT, PROMPT[::-1]])
+def assert_same_as(reference, model, vocab_size=300, tokens=12):
+    ids = torch.tensor([PROMPT, PROMPT[::-1]]) % vocab_size
     with torch.no_grad():
         expected, got = reference(ids).logits, model(ids)
     assert expected.abs().max() > 1  # not a near-zero output that any layout would match
     assert (got - expected).abs().max() <= 1e-4
-    tokens = reference.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False)[0, len(PROMPT) :]
-    assert generate(model, PROMPT, 12) == tokens.tolist()
+    prompt = ids[0].tolist()
+    greedy = reference.generate(ids[:1], max_new_tokens=tokens, do_sample=False)[0, len(prompt) :]
+    assert generate(model, prompt, tokens) == greedy.tolist()
+    assert_cache_equals_recompute(model, prompt + greedy.tolist())
 
 
-def test_llama_options_loraft_does_not_implement_are_refused(tmp_path):
-    hf_llama(tmp_path, attention_bias=True)
-    with pytest.raises(LoraftError, match="sets attention_bias, which loraft's Llama does not implement"):
+def assert_cache_equals_recompute(model, ids):
+    """Feeding `ids` one token at a time through the KV cache gives the logits of one full forward."""
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+        cache = model.new_cache()
+        cached = torch.cat([model(torch.tensor([[token]]), cache)[0] for token in ids])
+    assert (cached - full).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_tiny_checkpoint_gives_the_logits_tokens_and_cache_of_transformers(tmp_path, name):
+    reference = hf_checkpoint(tmp_path, name)
+    model = load_hf_checkpoint(tmp_path).eval()
+    assert model.config.model_type == reference.config.model_type
+    assert (model.out_head.weight is model.tok_emb.weight) == reference.config.tie_word_embeddings
+    assert_same_as(reference, model)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_widths_give_the_logits_of_transformers(tmp_path, name):
+    big = name in ("mistral-7b-v0.1", "phi-4-mini")  # one block of these is 0.2 and 0.1 billion weights
+    reference = hf_checkpoint(tmp_path, name, tiny=False, vocab_size=1000, layers=1 if big else 2)
+    model = load_hf_checkpoint(tmp_path).eval()
+    hf = reference.config
+    assert (model.config.emb_dim, model.config.n_heads, model.config.n_kv_heads) == (
+        hf.hidden_size,
+        hf.num_attention_heads,
+        hf.num_key_value_heads,
+    )
+    assert_same_as(reference, model, vocab_size=1000, tokens=4)
+
+
+def test_the_switches_are_what_the_config_says(tmp_path):
+    """Each family's difference is on: a test that passes with a switch off tests nothing."""
+    configs = {}
+    for name in REAL:
+        hf_checkpoint(tmp_path / name, name)
+        configs[name] = load_hf_checkpoint(tmp_path / name).config
+    assert configs["qwen2.5-0.5b"].qkv_bias and not configs["qwen3-0.6b"].qkv_bias
+    assert configs["qwen3-0.6b"].qk_norm and configs["qwen3-0.6b"].head_size == 32
+    assert configs["phi-4-mini"].rotary_fraction == 0.75
+    assert configs["phi-4-mini"].rope_scaling["rope_type"] == "longrope"
+    assert configs["phi-4-mini"].context_length == 64  # the original context: long factors are not implemented
+    assert configs["llama-3.2-1b"].rope_scaling["rope_type"] == "llama3"
+    assert configs["mistral-7b-v0.1"].context_length == 64  # the sliding window
+
+
+def test_a_config_json_as_the_hub_has_it_loads_the_same(tmp_path):
+    """Checkpoints on the hub were written by transformers 4: rope_theta and rope_scaling beside the
+    rest ({"type": ...} in the oldest), where transformers 5 writes rope_parameters."""
+    reference = hf_checkpoint(tmp_path, "llama-3.2-1b")
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type" if key == "rope_type" else key: value for key, value in rope.items()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_same_as(reference, load_hf_checkpoint(tmp_path).eval())
+
+
+@pytest.mark.parametrize(
+    "name,changes,message",
+    [
+        ("llama-3.2-1b", dict(attention_bias=True), "sets attention_bias, which loraft does not implement"),
+        ("llama-3.2-1b", dict(mlp_bias=True), "sets mlp_bias"),
+        ("llama-3.2-1b", dict(hidden_act="gelu"), "sets hidden_act"),
+        (
+            "llama-3.2-1b",
+            dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
+            "sets RoPE scaling 'yarn' (loraft implements default, linear, llama3, longrope)",
+        ),
+    ],
+)
+def test_options_loraft_does_not_implement_are_refused(tmp_path, name, changes, message):
+    hf_checkpoint(tmp_path, name, **changes)
+    with pytest.raises(LoraftError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_hf_checkpoint(tmp_path)
+
+
+def test_an_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path):
+    hf_checkpoint(tmp_path, "llama-3.2-1b")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "falcon"}))
+    with pytest.raises(
+        LoraftError,
+        match="architecture 'falcon' is not supported; loraft reads gpt2, llama, mistral, qwen2, qwen3, phi3",
+    ):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("classify", [False, True])
+def test_an_exported_adapter_runs_in_peft_on_transformers(tmp_path, name, classify):
+    """A LoRA on every linear layer (a causal LM), or on q, v and the feed-forward beside a new head (a
+    sequence classifier), exported with export-peft, gives our logits in PeftModel."""
+    hf_checkpoint(tmp_path / "base", name)
+    model = load_hf_checkpoint(tmp_path / "base").eval()
+    lora.apply_lora(model, rank=4, alpha=8, targets=["q", "v", "mlp"] if classify else ["all-linear"])
+    if classify:
+        lora.add_module_to_save(model, "out_head", nn.Linear(model.config.emb_dim, 2, bias=False))
+        hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "base", num_labels=2, pad_token_id=0
+        )
+    else:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    randomise(model, std=0.1)
+    ids = torch.tensor([PROMPT, PROMPT[::-1]])
+    export_and_compare(model, hf_model.eval(), ids, tmp_path, classify)

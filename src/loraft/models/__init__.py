@@ -11,10 +11,10 @@ from torch import nn
 from .. import weights
 from ..errors import LoraftError
 from ..tokenizer import GGUFTokenizer
-from . import gpt2, llama
+from . import gpt2, llama, phi3
 from .family import Family
 
-FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY)}
+FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY)}
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -49,10 +49,8 @@ MODELS = {
 
 
 def family_of(model: nn.Module) -> Family:
-    for family in FAMILIES.values():
-        if isinstance(model, family.model):
-            return family
-    raise LoraftError(f"{type(model).__name__} is not a model of a known family ({', '.join(FAMILIES)})")
+    """The family of a model loraft built: its config's model_type names it (Phi-3's model is a Llama)."""
+    return family_named(model.config.model_type, type(model).__name__)
 
 
 def family_named(name: str, source: str) -> Family:
@@ -60,7 +58,8 @@ def family_named(name: str, source: str) -> Family:
     for family in FAMILIES.values():
         if name in (family.name, *family.hf_model_types, *family.gguf_architectures):
             return family
-    raise LoraftError(f"{source}: architecture {name!r} is not supported; loraft reads {', '.join(FAMILIES)}")
+    known = [kind for family in FAMILIES.values() for kind in family.hf_model_types]
+    raise LoraftError(f"{source}: architecture {name!r} is not supported; loraft reads {', '.join(known)}")
 
 
 def family_to_load(name_or_path: str) -> Family:
@@ -133,7 +132,7 @@ def load_gguf(path: Path, dtype) -> tuple[nn.Module, GGUFTokenizer]:
     family = family_named(meta.get("general.architecture"), str(path))
     if family.from_gguf_tensors is None:
         raise LoraftError(f"{path}: loraft reads {family.name} models from Hugging Face checkpoints, not GGUF")
-    config = family.config_from_gguf(meta)
+    config = family.config_from_gguf(meta, tensors)
     return build_with(family, config, family.from_gguf_tensors(tensors, config), str(path), dtype), GGUFTokenizer(meta)
 
 

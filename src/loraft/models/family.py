@@ -24,5 +24,7 @@ class Family:
     hf_tokenizer: Callable[[], object] | None = None
     compile_on_cpu: bool = False  # whether `loraft train` compiles its blocks by default on a CPU
     gguf_architectures: tuple[str, ...] = ()  # GGUF "general.architecture" values this family reads
-    config_from_gguf: Callable[[dict], object] | None = None
+    config_from_gguf: Callable[[dict, dict[str, torch.Tensor]], object] | None = None  # (metadata, tensors)
     from_gguf_tensors: Callable[[dict[str, torch.Tensor], object], dict[str, torch.Tensor]] | None = None
+    # our state dict and config -> a GGUF's (architecture, metadata without the architecture prefix, tensors)
+    to_gguf: Callable[[dict[str, torch.Tensor], object], tuple[str, dict, dict[str, torch.Tensor]]] | None = None

@@ -25,6 +25,7 @@ class GPT2Config:
     n_layers: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool = True
+    model_type: str = "gpt2"
 
 
 class LayerNorm(nn.Module):

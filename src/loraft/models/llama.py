@@ -1,11 +1,15 @@
-"""The Llama architecture (SmolLM2 is one): RMSNorm, rotary position embeddings (RoPE),
-grouped-query attention and a SwiGLU feed-forward, with the token embedding tied to the output head.
+"""The Llama architecture and the families that are Llama with a switch or two: Llama 2 and 3 (with
+Llama 3's RoPE scaling), SmolLM2, Mistral, Qwen2/Qwen2.5 (bias on q, k and v), Qwen3 (RMSNorm on
+each head's q and k) and Phi-3/Phi-4-mini (`phi3.py`: fused projections, partial rotary, LongRoPE).
+RMSNorm, rotary position embeddings (RoPE), grouped-query attention and a SwiGLU feed-forward.
 
-Module names follow our GPT-2 (trf_blocks, att.W_query, out_head, ...) so that one LoRA vocabulary
-fits both; the feed-forward's three projections are named for what they do.
+They are one file because they are one computation: each difference is a config field here, not a
+different block. Module names follow our GPT-2 (trf_blocks, att.W_query, out_head, ...) so that one
+LoRA vocabulary fits all; the feed-forward's three projections are named for what they do.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,18 +33,67 @@ class LlamaConfig:
     rope_base: float = 100000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: int | None = None  # None: emb_dim // n_heads
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    rotary_fraction: float = 1.0  # Phi-4-mini rotates the first 3/4 of each head only
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "llama3" | "linear" | "longrope", ...}
+    model_type: str = "llama"  # the checkpoint's own architecture (config.json's model_type)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.emb_dim // self.n_heads
 
 
-def rope_tables(head_dim: int, context_length: int, base: float):
-    """cos and sin of every (position, frequency) pair, each half of the head dimension repeated."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "divisors")
+
+
+def rope_frequencies(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """The inverse frequency of each rotated pair, and the factor cos and sin are scaled by."""
+    dim = int(cfg.head_size * cfg.rotary_fraction)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / cfg.rope_base**exponents
+    scaling = cfg.rope_scaling
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "divisors":  # as a GGUF stores Llama 3's scaling
+        return inv_freq / torch.tensor(scaling["divisors"], dtype=torch.float32), 1.0
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, those between interpolated
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        between = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+        return torch.where(between, smoothed, scaled), 1.0
+    if kind == "longrope":
+        # Phi-3: the short factors, since contexts stop at the original length (see config_from_hf)
+        original = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or scaling["max_position_embeddings"] / original
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * cfg.rope_base**exponents), attention
+    return inv_freq, 1.0
+
+
+def rope_tables(cfg: LlamaConfig):
+    """cos and sin of every (position, frequency) pair, each half of the rotated dimensions repeated."""
+    inv_freq, factor = rope_frequencies(cfg)
+    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * factor, angles.sin() * factor
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (i, i + head_dim/2) pair of x by its position's angle (the "rotate half" layout)."""
+    """Rotate each (i, i + d/2) pair of x's first d = cos.shape[-1] dimensions by its position's angle
+    (the "rotate half" layout); with partial rotary the rest of each head passes unrotated."""
+    d = cos.shape[-1]
+    if d < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :d], cos, sin), x[..., d:]], dim=-1)
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -49,18 +102,23 @@ def apply_rope(x, cos, sin):
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.emb_dim // cfg.n_heads
-        self.W_query = nn.Linear(cfg.emb_dim, cfg.n_heads * self.head_dim, bias=False)
-        self.W_key = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.W_value = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        self.W_query = nn.Linear(cfg.emb_dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.emb_dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x, cos, sin, cache: LayerCache | None = None):
         b, t, _ = x.shape
         q, k, v = shared_input_linears(x, self.W_query, self.W_key, self.W_value)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -119,7 +177,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         with torch.device("cpu"):  # real even when the model is built on the meta device to be loaded
-            cos, sin = rope_tables(cfg.emb_dim // cfg.n_heads, cfg.context_length, cfg.rope_base)
+            cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -147,45 +205,126 @@ class Llama(nn.Module):
         return self.out_head(self.hidden_states(input_ids, cache))
 
 
+# Our module names in llama.cpp's GGUF files and in Hugging Face checkpoints (per block).
 GGUF_NAMES = {
-    "attn_norm": "norm1.weight",
-    "attn_q": "att.W_query.weight",
-    "attn_k": "att.W_key.weight",
-    "attn_v": "att.W_value.weight",
-    "attn_output": "att.out_proj.weight",
-    "ffn_norm": "norm2.weight",
-    "ffn_gate": "ff.gate.weight",
-    "ffn_up": "ff.up.weight",
-    "ffn_down": "ff.down.weight",
+    "norm1": "attn_norm",
+    "att.W_query": "attn_q",
+    "att.W_key": "attn_k",
+    "att.W_value": "attn_v",
+    "att.q_norm": "attn_q_norm",
+    "att.k_norm": "attn_k_norm",
+    "att.out_proj": "attn_output",
+    "norm2": "ffn_norm",
+    "ff.gate": "ffn_gate",
+    "ff.up": "ffn_up",
+    "ff.down": "ffn_down",
 }
+HF_NAMES = {
+    "norm1": "input_layernorm",
+    "att.W_query": "self_attn.q_proj",
+    "att.W_key": "self_attn.k_proj",
+    "att.W_value": "self_attn.v_proj",
+    "att.q_norm": "self_attn.q_norm",
+    "att.k_norm": "self_attn.k_norm",
+    "att.out_proj": "self_attn.o_proj",
+    "norm2": "post_attention_layernorm",
+    "ff.gate": "mlp.gate_proj",
+    "ff.up": "mlp.up_proj",
+    "ff.down": "mlp.down_proj",
+}
+# GGUF architecture of each model_type (llama.cpp converts Mistral and SmolLM2 as "llama")
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of query/key rows.
+def parameter_names(cfg: LlamaConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(Llama(cfg).state_dict())
 
-    llama.cpp's converter interleaves each head's two rotary halves (so that RoPE rotates adjacent
-    pairs); our `apply_rope` rotates (i, i + head_dim/2) pairs as the original checkpoint does.
-    """
-    out_dim, in_dim = weight.shape
-    return weight.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+def renamed(name: str, blocks: str, names: dict[str, str], top: dict[str, str]) -> str:
+    """Our parameter `name` in another naming: `blocks`.{i}.`names`[module] inside a block, `top` outside."""
+    module, kind = name.rsplit(".", 1)
+    if not module.startswith("trf_blocks."):
+        return f"{top[module]}.{kind}"
+    _, i, inner = module.split(".", 2)
+    return f"{blocks}.{i}.{names[inner]}.{kind}"
+
+
+def permute_rope_rows(weight: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """llama.cpp's reordering of a "llama" GGUF's query/key rows (or its inverse): its converter
+    interleaves each head's two rotary halves, so that RoPE rotates adjacent pairs; our `apply_rope`
+    rotates (i, i + head_dim/2) pairs as the original checkpoint does."""
+    out_dim = weight.shape[0]
+    pairs = (n_heads, 2, out_dim // n_heads // 2) if not inverse else (n_heads, out_dim // n_heads // 2, 2)
+    return weight.reshape(*pairs, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+GGUF_TOP = {"tok_emb": "token_embd", "final_norm": "output_norm", "out_head": "output"}
 
 
 def from_gguf_tensors(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our state dict from the dequantised tensors of a llama.cpp GGUF file."""
-    sd = {"tok_emb.weight": tensors["token_embd.weight"], "final_norm.weight": tensors["output_norm.weight"]}
-    for i in range(cfg.n_layers):
-        for gguf_name, ours in GGUF_NAMES.items():
-            sd[f"trf_blocks.{i}.{ours}"] = tensors[f"blk.{i}.{gguf_name}.weight"]
-        q, k = f"trf_blocks.{i}.att.W_query.weight", f"trf_blocks.{i}.att.W_key.weight"
-        sd[q] = unpermute_rope_rows(sd[q], cfg.n_heads)
-        sd[k] = unpermute_rope_rows(sd[k], cfg.n_kv_heads)
-    sd["out_head.weight"] = tensors.get("output.weight", sd["tok_emb.weight"])
+    sd = {}
+    for name in parameter_names(cfg):
+        theirs = renamed(name, "blk", GGUF_NAMES, GGUF_TOP)
+        sd[name] = tensors[theirs] if name != "out_head.weight" else tensors.get(theirs, tensors["token_embd.weight"])
+        if GGUF_ARCHITECTURES[cfg.model_type] == "llama" and (".W_query." in name or ".W_key." in name):
+            sd[name] = permute_rope_rows(sd[name], cfg.n_heads if ".W_query." in name else cfg.n_kv_heads, True)
     return sd
 
 
-def config_from_gguf(meta: dict) -> LlamaConfig:
-    a = "llama."
+def to_gguf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """A GGUF's architecture, metadata and tensors from our state dict, as llama.cpp's converter writes them."""
+    architecture = GGUF_ARCHITECTURES[cfg.model_type]
+    tensors = {}
+    for name, tensor in sd.items():
+        if name == "out_head.weight" and cfg.tie_embeddings:
+            continue
+        if architecture == "llama" and (".W_query." in name or ".W_key." in name):
+            tensor = permute_rope_rows(tensor, cfg.n_heads if ".W_query." in name else cfg.n_kv_heads)
+        tensors[renamed(name, "blk", GGUF_NAMES, GGUF_TOP)] = tensor
+    kind = cfg.rope_scaling.get("rope_type", "default")
+    if kind in ("llama3", "divisors"):  # llama.cpp divides its frequencies by these
+        base = rope_frequencies(LlamaConfig(**{**vars(cfg), "rope_scaling": {}}))[0]
+        tensors["rope_freqs.weight"] = base / rope_frequencies(cfg)[0]
+    metadata = gguf_metadata(cfg)
+    if kind == "linear":
+        metadata |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling["factor"])}
+    return architecture, metadata, tensors
+
+
+def gguf_metadata(cfg: LlamaConfig) -> dict:
+    """The architecture's keys of a GGUF (without the "<architecture>." prefix)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "embedding_length": cfg.emb_dim,
+        "block_count": cfg.n_layers,
+        "feed_forward_length": cfg.hidden_dim,
+        "attention.head_count": cfg.n_heads,
+        "attention.head_count_kv": cfg.n_kv_heads,
+        "attention.key_length": cfg.head_size,
+        "attention.value_length": cfg.head_size,
+        "attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        "rope.freq_base": float(cfg.rope_base),
+        "rope.dimension_count": int(cfg.head_size * cfg.rotary_fraction),
+    }
+
+
+def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> LlamaConfig:
+    architecture = meta["general.architecture"]
+    a = architecture + "."
     n_heads = meta[a + "attention.head_count"]
+    rope_scaling = {}
+    if "rope_freqs.weight" in tensors:  # Llama 3's scaling, written as a divisor of each frequency
+        rope_scaling = {"rope_type": "divisors", "divisors": tensors["rope_freqs.weight"].float().tolist()}
+    kind = meta.get(a + "rope.scaling.type", "none")
+    if kind == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": meta[a + "rope.scaling.factor"]}
+    elif kind != "none":
+        raise LoraftError(
+            f"this GGUF's RoPE scaling {kind!r} is not implemented in loraft (it reads linear and Llama 3's)"
+        )
     return LlamaConfig(
         vocab_size=meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         context_length=meta[a + "context_length"],
@@ -197,58 +336,86 @@ def config_from_gguf(meta: dict) -> LlamaConfig:
         rope_base=meta.get(a + "rope.freq_base", 10000.0),
         norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
         tie_embeddings="output.weight" not in meta["tensor_names"],
+        head_dim=meta.get(a + "attention.key_length"),
+        qkv_bias="blk.0.attn_q.bias" in meta["tensor_names"],
+        qk_norm="blk.0.attn_q_norm.weight" in meta["tensor_names"],
+        rope_scaling=rope_scaling,
+        model_type=architecture,
     )
 
 
-HF_NAMES = {
-    "input_layernorm": "norm1",
-    "self_attn.q_proj": "att.W_query",
-    "self_attn.k_proj": "att.W_key",
-    "self_attn.v_proj": "att.W_value",
-    "self_attn.o_proj": "att.out_proj",
-    "post_attention_layernorm": "norm2",
-    "mlp.gate_proj": "ff.gate",
-    "mlp.up_proj": "ff.up",
-    "mlp.down_proj": "ff.down",
-}
+HF_TOP = {"tok_emb": "model.embed_tokens", "final_norm": "model.norm", "out_head": "lm_head"}
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our state dict from a Hugging Face LlamaForCausalLM checkpoint (the same RoPE layout as ours)."""
-    sd = {"tok_emb.weight": hf["model.embed_tokens.weight"], "final_norm.weight": hf["model.norm.weight"]}
-    for i in range(cfg.n_layers):
-        for theirs, ours in HF_NAMES.items():
-            sd[f"trf_blocks.{i}.{ours}.weight"] = hf[f"model.layers.{i}.{theirs}.weight"]
-    sd["out_head.weight"] = hf.get("lm_head.weight", sd["tok_emb.weight"])
+    """Our state dict from a Hugging Face ...ForCausalLM checkpoint (the same RoPE layout as ours)."""
+    sd = {}
+    for name in parameter_names(cfg):
+        theirs = renamed(name, "model.layers", HF_NAMES, HF_TOP)
+        sd[name] = hf[theirs] if name != "out_head.weight" else hf.get(theirs, hf["model.embed_tokens.weight"])
     return sd
 
 
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def config_from_hf(hf: dict) -> LlamaConfig:
-    """Our config from a Llama config.json; options our Llama does not implement are refused, not ignored."""
+    """Our config from the config.json of a Llama, Mistral, Qwen2, Qwen3 or Phi-3; options our model
+    does not implement are refused, not ignored."""
+    model_type = hf.get("model_type", "llama")
     emb_dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling beside the rest
+    rope = {**hf, **(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    context = hf["max_position_embeddings"]
     unsupported = {
-        "a RoPE scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
-        "attention_bias": hf.get("attention_bias", False),
+        f"RoPE scaling {rope_type!r} (loraft implements {', '.join(ROPE_TYPES[:-1])})": rope_type
+        not in ROPE_TYPES[:-1],
         "mlp_bias": hf.get("mlp_bias", False),
-        "head_dim": hf.get("head_dim", emb_dim // n_heads) != emb_dim // n_heads,
         "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": hf.get("attention_bias", False) and model_type != "qwen2",
     }
     named = [name for name, value in unsupported.items() if value]
     if named:
-        raise LoraftError(f"this Llama config.json sets {', '.join(named)}, which loraft's Llama does not implement")
+        raise LoraftError(f"this {model_type} config.json sets {', '.join(named)}, which loraft does not implement")
+    rope_scaling = {}
+    if rope_type != "default":
+        keys = {
+            "linear": ["factor"],
+            "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+            "longrope": [
+                "short_factor",
+                "long_factor",
+                "original_max_position_embeddings",
+                "factor",
+                "attention_factor",
+            ],
+        }[rope_type]
+        rope_scaling = {"rope_type": rope_type} | {key: rope.get(key) for key in keys}
+    if rope_type == "longrope":  # the long factors apply beyond the original context, which is refused
+        rope_scaling["max_position_embeddings"] = context
+        context = min(context, rope["original_max_position_embeddings"])
+    # A context no longer than the sliding window: within it, sliding-window attention is full attention.
+    window = hf.get("sliding_window")
+    if window and (model_type in ("mistral", "phi3") or hf.get("use_sliding_window")):
+        context = min(context, window)
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
-        context_length=hf["max_position_embeddings"],
+        context_length=context,
         emb_dim=emb_dim,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         n_layers=hf["num_hidden_layers"],
         hidden_dim=hf["intermediate_size"],
-        rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_base=rope.get("rope_theta", 10000.0),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
+        head_dim=hf.get("head_dim"),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        rotary_fraction=rope.get("partial_rotary_factor", 1.0),
+        rope_scaling=rope_scaling,
+        model_type=model_type,
     )
 
 
@@ -257,14 +424,15 @@ FAMILY = Family(
     model=Llama,
     config=LlamaConfig,
     hf_blocks="model.layers",
-    hf_modules={theirs: [ours] for theirs, ours in HF_NAMES.items() if "layernorm" not in theirs},
+    hf_modules={theirs: [ours] for ours, theirs in HF_NAMES.items() if "norm" not in ours},
     hf_conv1d=False,
-    hf_model_types=("llama",),
+    hf_model_types=SUPPORTED_TYPES,
     config_from_hf=config_from_hf,
     from_hf_state_dict=from_hf_state_dict,
     # RMSNorm, RoPE and SwiGLU run eager as chains of small kernels, which compiling fuses
     compile_on_cpu=True,
-    gguf_architectures=("llama",),
+    gguf_architectures=("llama", "qwen2", "qwen3"),
     config_from_gguf=config_from_gguf,
     from_gguf_tensors=from_gguf_tensors,
+    to_gguf=to_gguf,
 )
