@@ -3,19 +3,21 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .errors import LoraftError
 
 
 def cmd_models(args):
-    from .models import DEFAULT_MODEL, MODELS, parameter_count
+    from .models import ARCHITECTURES, DEFAULT_MODEL, MODELS, parameter_count
 
-    print(f"{'name':<14} {'parameters':>14}  weights")
+    print(f"{'name':<14} {'parameters':>14}  weights; licence")
     for name, info in MODELS.items():
         default = "  (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name:<14} {parameter_count(name):>14,}  {info.source}{default}")
-    print("Any Llama-architecture GGUF file also works: --model path/to/file.gguf")
+        print(f"{name:<14} {parameter_count(name):>14,}  {info.source}; {info.licence}{default}")
+    print(
+        "Also: --model FOLDER (a Hugging Face model folder), --model org/name (a hub id), --model FILE.gguf; "
+        f"architectures: {', '.join(ARCHITECTURES)}"
+    )
 
 
 def cmd_env(args):
@@ -112,9 +114,9 @@ def cmd_info(args):
     from torch import nn
 
     from . import lora
-    from .models import build_empty, load_model, resolve
+    from .models import ModelInfo, build_empty, load_model, resolve
 
-    model = build_empty(args.model) if not isinstance(resolve(args.model), Path) else load_model(args.model)[0]
+    model = build_empty(args.model) if isinstance(resolve(args.model), ModelInfo) else load_model(args.model)[0]
     if args.num_classes:  # as the book does: the output head replaced by a new, smaller one
         model.out_head = nn.Linear(model.config.emb_dim, args.num_classes, device=model.tok_emb.weight.device)
     if args.rank:
@@ -309,15 +311,19 @@ def add_data_flags(parser):
     parser.add_argument("--label-column", default="label")
 
 
+WEIGHTS_HELP = "a known hub model's files in a local folder, instead of the download (GPT-2: also a model.safetensors)"
+
+
 def add_model_flags(parser):
     from .models import DEFAULT_MODEL
 
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"model name (see `loraft models`) or a .gguf path; default {DEFAULT_MODEL}",
+        help=f"a name from `loraft models`, a .gguf file, a Hugging Face model folder, or a hub id org/name; "
+        f"default {DEFAULT_MODEL}",
     )
-    parser.add_argument("--weights", help="GPT-2 only: a local Hugging Face checkpoint (folder or model.safetensors)")
+    parser.add_argument("--weights", help=WEIGHTS_HELP)
 
 
 class Parser(argparse.ArgumentParser):
@@ -378,14 +384,14 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of a classification adapter on a data split, as JSON")
     e.add_argument("--adapter", required=True)
-    e.add_argument("--weights", help="GPT-2 base only: local weights")
+    e.add_argument("--weights", help=WEIGHTS_HELP)
     add_data_flags(e)
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.set_defaults(run=cmd_eval)
 
     c = sub.add_parser("classify", help="classify texts with an adapter: one JSON line per text")
     c.add_argument("--adapter", required=True)
-    c.add_argument("--weights", help="GPT-2 base only: local weights")
+    c.add_argument("--weights", help=WEIGHTS_HELP)
     c.add_argument("--input", help="a UTF-8 file, one text per line")
     c.add_argument("texts", nargs="*", help="texts, or - to read standard input")
     c.set_defaults(run=cmd_classify)
@@ -429,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("chat", help="ask an instruction adapter, one instruction per line, in the terminal")
     h.add_argument("--adapter", required=True)
-    h.add_argument("--weights", help="GPT-2 base only: local weights")
+    h.add_argument("--weights", help=WEIGHTS_HELP)
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.set_defaults(run=cmd_chat)
 

@@ -168,12 +168,17 @@ def smollm2_file() -> Path:
 
 
 def hub_file(repo: str) -> Path | None:
-    """model.safetensors of a hub repository, when the hub's cache holds it and config.json (both are
-    read by weights.download_hf_checkpoint). Looked up in the cache only, never on the network."""
+    """The weights of a hub repository (model.safetensors, or the index of its shards), when the hub's
+    cache holds them and config.json. Looked up in the cache only, never on the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = [try_to_load_from_cache(repo, name) for name in ("model.safetensors", "config.json")]
-    return Path(found[0]) if all(isinstance(f, str) for f in found) else None
+    if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return None
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def cached_model(info) -> dict | None:

@@ -1,14 +1,15 @@
 """Tokenizers: GPT-2's BPE through tiktoken, and any byte-level BPE described inside a GGUF file
-(SmolLM2's) through Hugging Face `tokenizers`."""
+(SmolLM2's) or a Hugging Face tokenizer.json, through Hugging Face `tokenizers`."""
 
+import json
 from pathlib import Path
 
 import tiktoken
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
-from .files import checked_file, data_dir
+from .files import checked_file, data_dir, read_json
 
 
 def check_unicode(text: str, where: str = "the text"):
@@ -93,9 +94,22 @@ def gpt2_encoding() -> tiktoken.Encoding:
     )
 
 
-# How llama.cpp splits text before BPE, by the GGUF's `tokenizer.ggml.pre`. "smollm" isolates every
-# digit first, then applies GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM, and the
-# Digits + ByteLevel pre-tokenizer of SmolLM2's own tokenizer.json).
+# How llama.cpp splits text before BPE, by the GGUF's `tokenizer.ggml.pre`, as `tokenizers` pre-tokenizers
+# (each the one in that family's own tokenizer.json). "smollm" isolates every digit, then GPT-2's split;
+# Llama 3 and Qwen2 (also Qwen2.5 and Qwen3) split by their regex, Llama 3 keeping up to three digits together.
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def regex_then_bytes(pattern: str):
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "smollm": lambda: pre_tokenizers.Sequence(
@@ -104,14 +118,28 @@ PRE_TOKENIZERS = {
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     ),
+    "llama-bpe": lambda: regex_then_bytes(LLAMA3_SPLIT),
+    "qwen2": lambda: regex_then_bytes(QWEN2_SPLIT),
 }
-CONTROL_TOKEN = 3  # llama.cpp's token type of special tokens such as <|im_start|>
+# llama.cpp's token types
+NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN = 1, 3, 4, 5
 
 
-class GGUFTokenizer:
-    """A byte-level BPE tokenizer rebuilt from a GGUF file's metadata (tokens, merges, special tokens)."""
+class BPETokenizer:
+    """A byte-level BPE tokenizer held by Hugging Face `tokenizers`, from a GGUF file's metadata or a
+    model folder's tokenizer.json. It adds no special tokens: each task's format writes the ones it needs."""
 
-    def __init__(self, meta: dict):
+    def __init__(self, tokenizer: HFTokenizer, name: str, eos_id: int, pad_id: int | None, bos_id, chat_template):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.bos_id = bos_id
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "BPETokenizer":
         if meta.get("tokenizer.ggml.model") != "gpt2":
             raise LoraftError(
                 f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}: loraft reads byte-level BPE ('gpt2')"
@@ -128,13 +156,47 @@ class GGUFTokenizer:
         tok.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN]
         )
-        self.tokenizer = tok
-        self.name = meta.get("general.name", "gguf")
-        self.vocab_size = len(tokens)
-        self.eos_id = meta["tokenizer.ggml.eos_token_id"]
-        self.pad_id = meta.get("tokenizer.ggml.padding_token_id", self.eos_id)
-        self.bos_id = meta.get("tokenizer.ggml.bos_token_id")
-        self.chat_template = meta.get("tokenizer.chat_template")
+        return cls(
+            tok,
+            meta.get("general.name", "gguf"),
+            meta["tokenizer.ggml.eos_token_id"],
+            meta.get("tokenizer.ggml.padding_token_id"),
+            meta.get("tokenizer.ggml.bos_token_id"),
+            meta.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path, model_config: dict) -> "BPETokenizer":
+        """tokenizer.json of a Hugging Face model folder; its special tokens and chat template from
+        tokenizer_config.json (or chat_template.jinja), else from config.json's token ids."""
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise LoraftError(f"{folder}: no tokenizer.json (loraft reads the `tokenizers` library's file)")
+        try:
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # `tokenizers` raises its own Exception for a broken file
+            raise LoraftError(f"{file} is not a readable tokenizer.json ({e})") from None
+        settings = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+
+        def token_id(key: str):
+            token = settings.get(f"{key}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None:
+                if tok.token_to_id(token) is None:
+                    raise LoraftError(f"{folder}/tokenizer_config.json: {key}_token {token!r} is not in tokenizer.json")
+                return tok.token_to_id(token)
+            ids = model_config.get(f"{key}_token_id")
+            return ids[0] if isinstance(ids, list) else ids
+
+        eos = token_id("eos")
+        if eos is None:
+            raise LoraftError(f"{folder}: neither tokenizer_config.json nor config.json names the end-of-text token")
+        template = settings.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(tok, folder.name, eos, token_id("pad"), token_id("bos"), template)
 
     def encode(self, text: str) -> list[int]:
         check_unicode(text)
@@ -145,3 +207,54 @@ class GGUFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def gguf_metadata(self, vocab_size: int) -> dict:
+        """The tokenizer.* keys llama.cpp reads, the token list padded to the model's `vocab_size`
+        embedding rows as llama.cpp's converter pads it."""
+        state = json.loads(self.tokenizer.to_str())
+        if state["model"]["type"] != "BPE" or state["decoder"] is None or state["decoder"]["type"] != "ByteLevel":
+            raise LoraftError(f"{self.name}: loraft writes byte-level BPE tokenizers to GGUF, not this one")
+        pre = pre_tokenizer_name(state["pre_tokenizer"])
+        by_id = {i: t for t, i in self.tokenizer.get_vocab(with_added_tokens=True).items()}
+        if max(by_id) >= vocab_size:
+            raise LoraftError(f"{self.name}: token id {max(by_id)} does not fit the model's {vocab_size} embeddings")
+        added = {t["content"]: t["special"] for t in state["added_tokens"]}
+
+        def token_type(token):
+            if token not in added:
+                return NORMAL_TOKEN
+            return CONTROL_TOKEN if added[token] else USER_DEFINED_TOKEN
+
+        tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+        metadata = {
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [token_type(t) if i in by_id else UNUSED_TOKEN for i, t in enumerate(tokens)],
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]],
+            "tokenizer.ggml.eos_token_id": self.eos_id,
+            "tokenizer.ggml.padding_token_id": self.pad_id,
+        }
+        if self.bos_id is not None:
+            metadata["tokenizer.ggml.bos_token_id"] = self.bos_id
+        if self.chat_template:
+            metadata["tokenizer.chat_template"] = self.chat_template
+        return metadata
+
+
+def pre_tokenizer_name(pre_tokenizer: dict) -> str:
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer (offsets trimming aside, which changes no id)."""
+
+    def without_offsets(value):
+        if isinstance(value, dict):
+            return {k: without_offsets(v) for k, v in value.items() if k != "trim_offsets"}
+        return [without_offsets(v) for v in value] if isinstance(value, list) else value
+
+    for name, build in PRE_TOKENIZERS.items():
+        probe = HFTokenizer(models.BPE())
+        probe.pre_tokenizer = build()
+        if without_offsets(json.loads(probe.to_str())["pre_tokenizer"]) == without_offsets(pre_tokenizer):
+            return name
+    raise LoraftError(
+        f"the tokenizer splits text in a way loraft cannot name for llama.cpp (it knows {', '.join(PRE_TOKENIZERS)})"
+    )

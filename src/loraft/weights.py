@@ -4,7 +4,6 @@ unpickles."""
 
 import hashlib
 import importlib.metadata
-import json
 import subprocess
 import sys
 import tempfile
@@ -15,41 +14,84 @@ import numpy as np
 import torch
 
 from .errors import LoraftError
-from .files import cache_dir, read_safetensors, sha256_of
+from .files import cache_dir, read_json, read_safetensors, sha256_of
 
-# ---------------------------------------------------------------- safetensors (GPT-2)
+# ---------------------------------------------------------------- Hugging Face checkpoints (safetensors)
+
+# What loraft takes from a hub repository: the weights as safetensors (never pickled .bin files, nor the
+# duplicate consolidated.safetensors some repositories carry), the config and the tokenizer.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+]
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder: model.safetensors, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if not index.is_file():
+        raise LoraftError(
+            f"{folder}: no model.safetensors or model.safetensors.index.json (loraft reads safetensors weights, "
+            f"never pickled .bin files)"
+        )
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LoraftError(f"{index} has no weight_map")
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (folder / shard).is_file()]
+    if missing:
+        raise LoraftError(
+            f"{folder}: {len(missing)} of the {len(shards)} weight shards the index names are missing, "
+            f"first {missing[0]}; download them again"
+        )
+    return [folder / shard for shard in shards]
 
 
 def local_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors and config.json (if any) of a Hugging Face checkpoint given as a folder or a file."""
+    """Tensors and config.json (if any) of a Hugging Face checkpoint given as a folder or one file."""
     path = Path(path)
     if not path.exists():
-        raise LoraftError(f"--weights {path}: no such file or folder")
-    if path.is_dir():
-        config_file = path / "config.json"
-        file = path / "model.safetensors"
-        if not file.is_file():
-            raise LoraftError(f"--weights {path}: the folder has no model.safetensors")
-    else:
-        file, config_file = path, path.parent / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else None
-    return read_safetensors(file), config
+        raise LoraftError(f"{path}: no such file or folder")
+    files, config_file = (safetensors_files(path), path / "config.json") if path.is_dir() else ([path], None)
+    config_file = config_file or path.parent / "config.json"
+    tensors = {}
+    for file in files:
+        tensors.update(read_safetensors(file))
+    return tensors, read_json(config_file) if config_file.is_file() else None
 
 
-def download_hf_checkpoint(repo_id: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Fetch (or take from the hub's cache) model.safetensors and config.json of a hub repository."""
-    from huggingface_hub import hf_hub_download
+def hub_folder(repo_id: str) -> Path:
+    """The hub repository `repo_id`'s model folder in the hub's cache, fetched when not there yet
+    (only HUB_FILES; HF_TOKEN and HF_HUB_OFFLINE work as for every hub library)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        weights = hf_hub_download(repo_id, "model.safetensors")
-        config = hf_hub_download(repo_id, "config.json")
-    except Exception as e:  # offline, repository gone, ...: the message says what to do instead
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
         raise LoraftError(
-            f"could not get the weights of {repo_id} from the Hugging Face hub ({type(e).__name__}). "
-            f"Without network access, download model.safetensors and config.json from "
-            f"https://huggingface.co/{repo_id} on another machine and pass the folder with --weights PATH"
+            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, "
+            f"then set HF_TOKEN to an access token of that account"
         ) from None
-    return read_safetensors(Path(weights)), json.loads(Path(config).read_text())
+    except RepositoryNotFoundError:
+        raise LoraftError(
+            f"{repo_id}: no such model on the Hugging Face hub, nor a local folder of that name "
+            f"(a private repository needs HF_TOKEN)"
+        ) from None
+    except Exception as e:  # offline, a timeout, a full disk: say how to do without the download
+        raise LoraftError(
+            f"could not download {repo_id} from the Hugging Face hub ({type(e).__name__}), and it is not in the "
+            f"hub's cache. Without network access, copy its config.json, *.safetensors, tokenizer.json and "
+            f"tokenizer_config.json from https://huggingface.co/{repo_id} into a folder and give --model FOLDER"
+        ) from None
 
 
 # ---------------------------------------------------------------- GGUF (SmolLM2 and any Llama GGUF)

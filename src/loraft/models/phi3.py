@@ -2,7 +2,7 @@
 store q, k and v as one qkv_proj and the feed-forward's gate and up as one gate_up_proj; the model
 itself differs from Llama only in config fields (partial rotary, LongRoPE), so the projections are
 split on load into Llama's modules, and LoRA, PEFT and GGUF see the fused names again through
-`hf_modules` and `to_gguf_tensors`."""
+`hf_modules` and `to_gguf`."""
 
 import torch
 

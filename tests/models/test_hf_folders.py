@@ -1,0 +1,134 @@
+"""Models from a Hugging Face model folder or a hub id: sharded safetensors, tokenizer.json with its
+special tokens and chat template, the hub's cache used offline, and the hub's refusals (a gated or
+missing repository) answered by a local HTTP server that speaks as the hub does."""
+
+import http.server
+import json
+import threading
+
+import pytest
+import torch
+import transformers
+
+from loraft.models import HUB_MODELS, load_model
+
+from ..helpers import assert_clear_error, loraft
+from .checkpoints import CHAT_TEMPLATE, PROMPT, hf_checkpoint, write_tokenizer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory, sms_texts):
+    """A tiny random Qwen2.5 saved in shards, with a Qwen2-style tokenizer trained on SMS messages."""
+    folder = tmp_path_factory.mktemp("qwen2")
+    reference = hf_checkpoint(folder, "qwen2.5-0.5b", shard_size="100KB")
+    write_tokenizer(folder, sms_texts[:2000], pre="qwen2")
+    return folder, reference
+
+
+def test_a_sharded_folder_loads_with_its_tokenizer(qwen_folder, sms_texts):
+    folder, reference = qwen_folder
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    model, tokenizer = load_model(str(folder))
+    with torch.no_grad():
+        assert (model(torch.tensor([PROMPT])) - reference(torch.tensor([PROMPT])).logits).abs().max() <= 1e-4
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    texts = sms_texts[2000:2300]  # not the messages the tokenizer was trained on
+    assert tokenizer.encode_batch(texts) == [hf_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    assert tokenizer.decode(tokenizer.encode(texts[0])) == texts[0]
+    assert (tokenizer.eos_id, tokenizer.pad_id) == (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (2, 0)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert model.name == str(folder)
+
+
+def test_a_missing_shard_or_tokenizer_is_one_clear_line(tmp_path, qwen_folder):
+    folder, _ = qwen_folder
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in folder.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "tokenizer.json").unlink()
+    assert_clear_error(loraft("generate", "--model", str(broken), "--prompt", "hi"), "no tokenizer.json")
+    shard = sorted(broken.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    assert_clear_error(
+        loraft("generate", "--model", str(broken), "--prompt", "hi"),
+        "weight shards the index names are missing",
+        shard.name,
+    )
+
+
+def test_a_hub_id_loads_from_the_hubs_cache_offline(tmp_path, monkeypatch, qwen_folder, sms_texts):
+    """The cache laid out as huggingface_hub lays out a download (snapshots/COMMIT, refs/main)."""
+    repo = tmp_path / "hub" / "models--someone--tiny-qwen3"
+    snapshot = repo / "snapshots" / COMMIT
+    reference = hf_checkpoint(snapshot, "qwen3-0.6b")
+    write_tokenizer(snapshot, sms_texts[:2000], pre="qwen2")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = loraft("generate", "--model", "someone/tiny-qwen3", "--prompt", "Free entry", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    _, tokenizer = load_model(str(snapshot))
+    prompt = torch.tensor([tokenizer.encode("Free entry")])
+    greedy = reference.generate(prompt, max_new_tokens=6, do_sample=False)[0]
+    assert result.stdout.strip() == tokenizer.decode(greedy.tolist()).strip()
+    absent = loraft("generate", "--model", "someone/absent", "--prompt", "x")
+    assert_clear_error(absent, "could not download someone/absent", "not in the hub's cache", "--model FOLDER")
+
+
+class HubRefusals(http.server.BaseHTTPRequestHandler):
+    """Answers every request as huggingface.co answers for a gated repository or one that does not exist."""
+
+    def do_GET(self):
+        gated = "gated" in self.path
+        self.send_response(403 if gated else 404)
+        self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        body = json.dumps({"error": "Access to this model is restricted" if gated else "Repository not found"})
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_gated_and_missing_repositories_say_what_to_do(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubRefusals)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        gated = loraft("generate", "--model", "meta-llama/gated-model", "--prompt", "x")
+        assert_clear_error(gated, "meta-llama/gated-model is gated", "accept its licence", "set HF_TOKEN")
+        missing = loraft("generate", "--model", "nobody/no-such-model", "--prompt", "x")
+        assert_clear_error(missing, "nobody/no-such-model: no such model on the Hugging Face hub")
+    finally:
+        server.shutdown()
+
+
+def test_weights_replace_a_known_models_download(tmp_path, qwen_folder):
+    folder, _ = qwen_folder
+    named = loraft(
+        "generate", "--model", "qwen2.5-0.5b", "--weights", str(folder), "--prompt", "hi", "--max-new-tokens", "2"
+    )
+    assert named.returncode == 0, named.stderr
+    assert_clear_error(
+        loraft("generate", "--model", str(folder), "--weights", str(folder), "--prompt", "hi"), "has none to replace"
+    )
+
+
+@pytest.mark.parametrize("info", HUB_MODELS, ids=lambda info: info.name)
+def test_each_known_hub_model_has_the_parameter_count_of_transformers(info):
+    """`loraft models` counts from the config.json fields it keeps; transformers counts from the same."""
+    from loraft.models import parameter_count
+
+    config = transformers.AutoConfig.for_model(**info.hub_config)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    assert parameter_count(info.name) == sum(p.numel() for p in reference.parameters())
