@@ -132,3 +132,29 @@ def test_each_known_hub_model_has_the_parameter_count_of_transformers(info):
     with torch.device("meta"):
         reference = transformers.AutoModelForCausalLM.from_config(config)
     assert parameter_count(info.name) == sum(p.numel() for p in reference.parameters())
+
+
+def test_the_jobs_train_over_a_model_folder(tmp_path, qwen_folder, small_sms_tsv):
+    """Both jobs for real over a folder: the adapters remember it as their base and load over it again."""
+    folder, _ = qwen_folder
+    run = tmp_path / "spam"
+    common = ["--model", str(folder), "--rank", "4", "--lr", "1e-3", "--quiet", "--no-compile"]
+    trained = loraft(
+        "train", *common, "--data", str(small_sms_tsv), "--out", str(run), "--epochs", "5", "--eval-every", "4"
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((run / "adapter" / "adapter.json").read_text())["base_model"] == str(folder)
+    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+    classified = loraft("classify", "--adapter", str(run / "adapter"), "Free prize, call now")
+    assert classified.returncode == 0 and json.loads(classified.stdout)["label"] in ("ham", "spam")
+
+    data = tmp_path / "instructions.json"
+    data.write_text(json.dumps([{"instruction": f"Repeat {n}", "input": "", "output": f"{n} {n}"} for n in range(40)]))
+    instructed = loraft(
+        "instruct", *common, "--data", str(data), "--out", str(tmp_path / "chat"), "--template", "chat",
+        "--epochs", "1", "--max-new-tokens", "4",
+    )  # fmt: skip
+    assert instructed.returncode == 0, instructed.stderr
+    answer = loraft("generate", "--adapter", str(tmp_path / "chat" / "adapter"), "--instruction", "Repeat 7")
+    assert answer.returncode == 0, answer.stderr
