@@ -149,7 +149,10 @@ class BPETokenizer:
             raise LoraftError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
         tokens = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+        # Llama 3 looks a whole piece up in the vocabulary before merging (its tokenizer.json's
+        # ignore_merges; llama.cpp does the same for "llama-bpe")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
         tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type", [])

@@ -171,6 +171,7 @@ def write_tokenizer(folder, texts, pre="gpt2", vocab_size=300):
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.model.ignore_merges = pre == "llama-bpe"  # as Llama 3's tokenizer.json
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = dict(
         tokenizer_class="PreTrainedTokenizerFast",

@@ -6,11 +6,13 @@ import http.server
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 import transformers
 
 from loraft.models import HUB_MODELS, load_model
+from loraft.tokenizer import PRE_TOKENIZERS, BPETokenizer
 
 from ..helpers import assert_clear_error, loraft
 from .checkpoints import CHAT_TEMPLATE, PROMPT, hf_checkpoint, write_tokenizer
@@ -158,3 +160,48 @@ def test_the_jobs_train_over_a_model_folder(tmp_path, qwen_folder, small_sms_tsv
     assert instructed.returncode == 0, instructed.stderr
     answer = loraft("generate", "--adapter", str(tmp_path / "chat" / "adapter"), "--instruction", "Repeat 7")
     assert answer.returncode == 0, answer.stderr
+
+
+@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+def test_token_ids_equal_transformers_on_every_sms_message(tmp_path, pre, sms_texts):
+    """One tokenizer.json per pre-tokenizer kind (SmolLM2's, Llama 3's, Qwen2's and GPT-2's splits),
+    trained here on 2,000 messages since no real one can be had offline: loraft's ids from the file, and
+    from the GGUF metadata it writes, equal transformers' on all 5,574 messages."""
+    write_tokenizer(tmp_path, sms_texts[:2000], pre=pre)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": 2}))
+    ours = BPETokenizer.from_folder(tmp_path, {})
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path)(sms_texts, add_special_tokens=False).input_ids
+    assert len(sms_texts) == 5574
+    assert ours.encode_batch(sms_texts) == expected
+    metadata = ours.gguf_metadata(ours.vocab_size)
+    assert metadata["tokenizer.ggml.pre"] == pre
+    assert BPETokenizer.from_gguf(metadata).encode_batch(sms_texts) == expected
+
+
+def test_a_gguf_of_an_unsupported_architecture_is_one_clear_line(tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "falcon.gguf", "falcon")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clear_error(
+        loraft("generate", "--model", str(tmp_path / "falcon.gguf"), "--prompt", "x"),
+        "architecture 'falcon' is not supported; loraft reads gpt2, llama",
+    )
+
+
+def test_weights_of_the_wrong_shape_are_one_clear_line_and_nothing_is_written(tmp_path, qwen_folder, small_sms_tsv):
+    folder, _ = qwen_folder
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for file in folder.iterdir():
+        (wrong / file.name).write_bytes(file.read_bytes())
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    run = tmp_path / "run"
+    result = loraft("train", "--model", str(wrong), "--data", str(small_sms_tsv), "--out", str(run), "--quiet")
+    assert_clear_error(result, "the weights do not fit", "ff.gate.weight")
+    assert not run.exists()
