@@ -17,7 +17,7 @@ from .errors import LoraftError
 from .files import read_json, write_json
 from .models import load_model
 from .plots import plot_run
-from .precision import bf16_supported, cast_frozen_weights
+from .precision import bf16_supported
 from .run_folder import claimed
 from .train import Task, TrainConfig, Trainer, check_config, pick_device
 
@@ -71,9 +71,10 @@ def load_trained(adapter_dir, task: str, weights=None):
     meta, _ = read_adapter(adapter_dir)
     if meta.get("task") != task:
         raise LoraftError(f"{adapter_dir} is not a {task} adapter (task {meta.get('task')!r})")
-    model, tokenizer = load_model(meta["base_model"], weights)
+    bf16 = bf16_supported()
+    model, tokenizer = load_model(meta["base_model"], weights, torch.bfloat16 if bf16 else torch.float32)
     load_adapter(model, adapter_dir)
-    ready_for_inference(model, bf16_supported())
+    ready_for_inference(model, bf16)
     return model, tokenizer, meta
 
 
@@ -97,13 +98,14 @@ def run_job(
     with claimed(out, config, resume, overwrite) as main:
         quiet = quiet or not main
         started = time.perf_counter()
-        base, tokenizer = load_model(model, weights)
+        # A base that trains frozen in bf16 is read straight into bf16: loading it in fp32 first
+        # triples the memory of loading (benchmarks/load_memory.py). LoRA and new heads are fp32.
+        bf16_base = cfg.bf16 and task.casts_base()
+        base, tokenizer = load_model(model, weights, torch.bfloat16 if bf16_base else torch.float32)
         task.check(base, tokenizer)
         torch.manual_seed(cfg.seed)  # the LoRA A matrices (and a new head) start from it
         task.prepare(base, lora_config)
         base.to(cfg.device)
-        if cfg.bf16 and task.casts_base():
-            cast_frozen_weights(base, torch.bfloat16)
         adapter_meta = task.adapter_meta(cfg)
         out.mkdir(parents=True, exist_ok=True)
         if main:

@@ -12,7 +12,7 @@ from ..adapters import load_adapter, read_adapter
 from ..classifier import TextFormat
 from ..errors import LoraftError
 from ..models import load_model
-from ..precision import bf16_supported, cast_frozen_weights
+from ..precision import bf16_supported
 
 TASKS = ("classification", "instruction")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -90,11 +90,10 @@ def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
 
 def load_served(folders: dict[str, Path]) -> Served:
     adapters = check_adapters(folders)
-    model, tokenizer = load_model(next(iter(adapters.values())).meta["base_model"])
+    bf16 = bf16_supported()  # the base in bf16 halves memory traffic; the adapters, loaded after, stay fp32
+    base_model = next(iter(adapters.values())).meta["base_model"]
+    model, tokenizer = load_model(base_model, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.requires_grad_(False)
-    bf16 = bf16_supported()
-    if bf16:  # the base in bf16 halves memory traffic; the adapters, loaded after, stay fp32
-        cast_frozen_weights(model, torch.bfloat16)
     for adapter in adapters.values():
         load_adapter(model, adapter.folder, adapter.name)  # checks the base's fingerprint
     model.requires_grad_(False)
