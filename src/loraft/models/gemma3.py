@@ -241,6 +241,7 @@ def config_from_hf(hf: dict) -> Gemma3Config:
     named = [name for name, value in unsupported.items() if value]
     if named:
         raise LoraftError(f"this gemma3_text config.json sets {', '.join(named)}, which loraft does not implement")
+    # a field config.json leaves out takes Gemma3TextConfig's default
     return Gemma3Config(
         vocab_size=hf.get("vocab_size", 262208),
         context_length=hf.get("max_position_embeddings", 131072),
@@ -272,5 +273,6 @@ FAMILY = Family(
     hf_model_types=("gemma3_text",),
     config_from_hf=config_from_hf,
     from_hf_state_dict=from_hf_state_dict,
+    # as Llama's: RMSNorm, RoPE and GeGLU are chains of small kernels eager (not benchmarked for Gemma)
     compile_on_cpu=True,
 )
