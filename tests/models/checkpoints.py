@@ -21,6 +21,12 @@ LLAMA3_ROPE = dict(
     high_freq_factor=4.0,
     original_max_position_embeddings=8192,
 )
+# Gemma 3's repeating layer pattern: five sliding-window layers, then one over the whole context.
+GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]
+GEMMA3_ROPE = dict(
+    full_attention=dict(rope_type="default", rope_theta=1000000.0),
+    sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+)
 REAL = {
     "llama-3.2-1b": (
         "Llama",
@@ -112,6 +118,40 @@ REAL = {
             ),
         ),
     ),
+    "gemma-3-270m": (
+        "Gemma3Text",
+        dict(
+            hidden_size=640,
+            intermediate_size=2048,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            layer_types=GEMMA3_LAYERS,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters=GEMMA3_ROPE,
+        ),
+    ),
+    "gemma-3-1b": (
+        "Gemma3Text",
+        dict(
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            layer_types=GEMMA3_LAYERS,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters=GEMMA3_ROPE,
+        ),
+    ),
 }
 # The same switches at tiny widths: 4 query heads and 2 key/value heads of 16 dimensions.
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -129,6 +169,9 @@ TINY_CHANGES = {
         ),
     ),
     "mistral-7b-v0.1": dict(sliding_window=64),
+    # a window shorter than the prompts, and a query scale that is not head_dim's
+    "gemma-3-270m": dict(sliding_window=4, query_pre_attn_scalar=24),
+    "gemma-3-1b": dict(sliding_window=3, query_pre_attn_scalar=8),
 }
 
 
@@ -139,9 +182,11 @@ def hf_checkpoint(folder, name, tiny=True, vocab_size=300, layers=2, shard_size=
     if tiny:
         options |= TINY | TINY_CHANGES.get(name, {})
     options = {key: value for key, value in {**options, **changes}.items() if value is not None}
+    if "layer_types" in options:  # the pattern's last layers: sliding ones, then one over everything
+        options["layer_types"] = (options["layer_types"] * layers)[-layers:]
     torch.manual_seed(0)
     config = getattr(transformers, f"{kind}Config")(**options)
-    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()  # Gemma3TextConfig: Gemma3ForCausalLM
     with torch.no_grad():  # weights large enough that a wrong layout changes the logits and the tokens
         for param in model.parameters():
             if param.dim() > 1:

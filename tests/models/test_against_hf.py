@@ -79,6 +79,35 @@ def test_the_switches_are_what_the_config_says(tmp_path):
     assert configs["phi-4-mini"].context_length == 64  # the original context: long factors are not implemented
     assert configs["llama-3.2-1b"].rope_scaling["rope_type"] == "llama3"
     assert configs["mistral-7b-v0.1"].context_length == 64  # the sliding window
+    gemma = configs["gemma-3-270m"]
+    assert gemma.layer_types == ["sliding_attention", "full_attention"]
+    assert (gemma.sliding_window, gemma.query_pre_attn_scalar, gemma.head_dim) == (4, 24, 16)
+    assert (gemma.rope_base, gemma.rope_local_base) == (1e6, 1e4)
+    assert gemma.sliding_window < len(PROMPT)  # the window masks some of the prompt
+
+
+def test_gemma3_final_logit_softcapping_gives_the_logits_of_transformers(tmp_path):
+    reference = hf_checkpoint(tmp_path, "gemma-3-270m", final_logit_softcapping=3.0)
+    model = load_hf_checkpoint(tmp_path).eval()
+    assert model.config.final_logit_softcapping == 3.0
+    assert_same_as(reference, model)
+
+
+def test_a_gemma3_config_json_as_the_hub_has_it_loads_the_same(tmp_path):
+    """transformers 4's Gemma 3 config.json: rope_theta and rope_scaling (the full-attention layers'),
+    rope_local_base_freq (the sliding ones') and sliding_window_pattern instead of layer_types."""
+    full = dict(rope_type="linear", rope_theta=1e6, factor=8.0)
+    rope = dict(full_attention=full, sliding_attention=dict(rope_type="default", rope_theta=1e4))
+    reference = hf_checkpoint(tmp_path, "gemma-3-270m", rope_parameters=rope)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"], config["layer_types"]
+    config |= dict(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling=dict(rope_type="linear", factor=8.0))
+    config["sliding_window_pattern"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_hf_checkpoint(tmp_path).eval()
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert_same_as(reference, model)
 
 
 def test_a_config_json_as_the_hub_has_it_loads_the_same(tmp_path):
@@ -104,6 +133,20 @@ def test_a_config_json_as_the_hub_has_it_loads_the_same(tmp_path):
             dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
             "sets RoPE scaling 'yarn' (loraft implements default, linear, llama3, longrope)",
         ),
+        ("gemma-3-270m", dict(attn_logit_softcapping=50.0), "sets attn_logit_softcapping, which loraft does not"),
+        ("gemma-3-270m", dict(use_bidirectional_attention=True), "sets use_bidirectional_attention"),
+        ("gemma-3-270m", dict(hidden_activation="gelu"), "sets hidden_activation 'gelu'"),
+        ("gemma-3-270m", dict(attention_bias=True), "sets attention_bias"),
+        (
+            "gemma-3-270m",
+            dict(
+                rope_parameters=dict(
+                    full_attention=dict(rope_type="yarn", rope_theta=1e6, factor=4.0),
+                    sliding_attention=dict(rope_type="default", rope_theta=1e4),
+                )
+            ),
+            "sets RoPE scaling 'yarn' (loraft implements default, linear)",
+        ),
     ],
 )
 def test_options_loraft_does_not_implement_are_refused(tmp_path, name, changes, message):
@@ -118,8 +161,16 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "falcon"}))
     with pytest.raises(
         LoraftError,
-        match="architecture 'falcon' is not supported; loraft reads gpt2, llama, mistral, qwen2, qwen3, phi3",
+        match="architecture 'falcon' is not supported; loraft reads gpt2, llama, mistral, qwen2, qwen3, phi3, gemma3_text",
     ):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_gemma3_multimodal_config_is_refused_naming_the_text_models(tmp_path):
+    hf_checkpoint(tmp_path, "gemma-3-270m")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "gemma3"}))
+    with pytest.raises(LoraftError, match="multimodal .* model_type gemma3_text"):
         load_hf_checkpoint(tmp_path)
 
 

@@ -88,3 +88,32 @@ def test_grouped_query_attention_equals_sdpa_on_repeated_keys_in_fp64():
     assert causal_attention(q[:, :, -4:], k, v, training=False).allclose(
         reference[0][:, :, -4:], rtol=1e-12, atol=1e-12
     )
+
+
+def test_a_sliding_window_sees_only_the_last_window_keys_in_training_and_with_a_cache():
+    """Gemma 3's sliding layers: query i sees keys i - window + 1 .. i, against the scores written out (fp64,
+    6 query heads over 2 key/value heads)."""
+    torch.manual_seed(0)
+    q, grad_out = torch.randn(2, 6, 11, 16, dtype=torch.float64), torch.randn(2, 6, 11, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 11, 16, dtype=torch.float64), torch.randn(2, 2, 11, 16, dtype=torch.float64)
+    window = 4
+
+    def written_out(q, k, v):
+        k, v = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+        scores = q @ k.transpose(-2, -1) / 16**0.5
+        query, key = torch.arange(11)[:, None], torch.arange(11)[None, :]
+        scores = scores.masked_fill((key > query) | (key <= query - window), float("-inf"))
+        return scores.softmax(-1) @ v
+
+    def windowed(q, k, v):
+        return causal_attention(q, k, v, training=True, window=window)
+
+    (out, *grads), _ = output_and_grads(windowed, q, k, v, grad_out)
+    reference, _ = output_and_grads(written_out, q, k, v, grad_out)
+    for name, a, b in zip(("output", "q", "k", "v"), [out, *grads], reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    for last in (11, 4, 1):  # with a cache: the last `last` positions query all 11 keys
+        got = causal_attention(q[:, :, -last:], k, v, training=False, window=window)
+        assert got.allclose(reference[0][:, :, -last:], rtol=1e-12, atol=1e-12), last
+    # a window as long as the keys is plain causal attention
+    assert causal_attention(q, k, v, training=False, window=11).equal(causal_attention(q, k, v, training=False))

@@ -13,16 +13,21 @@ from .. import weights
 from ..errors import LoraftError
 from ..files import read_json
 from ..tokenizer import BPETokenizer
-from . import gpt2, llama, phi3
+from . import gemma3, gpt2, llama, phi3
 from .family import Family
 
-FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY)}
+FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY, gemma3.FAMILY)}
 ARCHITECTURES = [kind for family in FAMILIES.values() for kind in family.hf_model_types]  # config.json's model_type
 DEFAULT_MODEL = "smollm2-135m"
 
 
 def family_named(name: str, source: str) -> Family:
     """The family called `name` (an adapter's "architecture", a config.json's model_type, a GGUF's)."""
+    if name == "gemma3":  # the multimodal wrapper: its text weights sit under a language_model prefix
+        raise LoraftError(
+            f"{source}: model_type 'gemma3' is Gemma 3's multimodal (image and text) model, which loraft does "
+            f"not read; it reads Gemma 3's text-only checkpoints, model_type gemma3_text (gemma-3-270m, gemma-3-1b)"
+        )
     for family in FAMILIES.values():
         if name in (family.name, *family.hf_model_types, *family.gguf_architectures):
             return family
@@ -49,6 +54,7 @@ def hub_model(name: str, repo: str, licence: str, **config_json) -> ModelInfo:
 
 
 APACHE = "Apache-2.0"
+GEMMA = "Gemma Terms of Use; gated: accept them on the hub, then set HF_TOKEN"
 # Sizes that fine-tune on a laptop. The shapes are the hub's config.json; tests/models/test_against_hf.py
 # checks each against transformers (parameter count) and each family's layout (logits).
 HUB_MODELS = [
@@ -79,6 +85,12 @@ HUB_MODELS = [
               hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
               num_hidden_layers=32, max_position_embeddings=131072, partial_rotary_factor=0.75,
               tie_word_embeddings=True),
+    hub_model("gemma-3-270m", "google/gemma-3-270m-it", GEMMA, model_type="gemma3_text", vocab_size=262144,
+              hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+              num_hidden_layers=18, max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True),
+    hub_model("gemma-3-1b", "google/gemma-3-1b-it", GEMMA, model_type="gemma3_text", vocab_size=262144,
+              hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+              num_hidden_layers=26, max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True),
 ]  # fmt: skip
 MODELS = {
     "smollm2-135m": ModelInfo(

@@ -21,25 +21,28 @@ class LayerCache:
         return keys, values
 
 
-def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0):
-    """Scaled dot-product attention where query i sees keys up to its own position. q may have a
-    multiple of k's and v's heads (grouped-query attention): query head h reads key head h // group.
+def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0, window: int | None = None):
+    """Scaled dot-product attention where query i sees keys up to its own position (and, with a
+    sliding `window`, only the last `window` of them, its own included). q may have a multiple of k's
+    and v's heads (grouped-query attention): query head h reads key head h // group.
 
     With a cache, the queries are the last q.shape[2] of k.shape[2] positions; SDPA's own
     `is_causal` aligns them to the first positions instead, so that case gets an explicit mask.
     """
+    if window is not None and k.shape[2] <= window:
+        window = None  # every key is inside the window: plain causal attention
     if training and q.device.type == "cpu":
         # For the short sequences we train on, differentiating SDPA's CPU flash kernel is slower than
         # its math backend, and the math backend slower than CausalAttention; for inference flash is
         # as fast or faster.
-        if dropout_p == 0 and q.shape[2] == k.shape[2]:
+        if dropout_p == 0 and q.shape[2] == k.shape[2] and window is None:
             # A key head's query heads, one after another, as one long query: no copies of k and v.
             b, heads, n, d = q.shape
             grouped = q.reshape(b, k.shape[1], heads // k.shape[1] * n, d)
             return CausalAttention.apply(grouped, k, v).view(b, heads, n, d)
         with sdpa_kernel(SDPBackend.MATH):
-            return sdpa(q, k, v, dropout_p)
-    return sdpa(q, k, v, dropout_p)
+            return sdpa(q, k, v, dropout_p, window)
+    return sdpa(q, k, v, dropout_p, window)
 
 
 class CausalAttention(torch.autograd.Function):
@@ -85,7 +88,7 @@ def softmax_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def sdpa(q, k, v, dropout_p: float):
+def sdpa(q, k, v, dropout_p: float, window: int | None = None):
     n_queries, n_keys = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1] and q.device.type != "cpu":
         # CUDA runs grouped queries in its flash kernel only (not in fp32, nor before Ampere GPUs):
@@ -93,13 +96,24 @@ def sdpa(q, k, v, dropout_p: float):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     gqa = q.shape[1] != k.shape[1]
-    if n_queries == 1:
+    if n_queries == 1 and window is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if n_queries == n_keys:
+    if n_queries == n_keys and window is None:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
         )
-    mask = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril(n_keys - n_queries)
+    mask = visible_keys(n_queries, n_keys, window, q.device)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
     )
+
+
+def visible_keys(n_queries: int, n_keys: int, window: int | None, device) -> torch.Tensor:
+    """True where a query may look: the queries are the last n_queries of n_keys positions; each sees
+    the keys up to its own position, and with a `window` only the last `window` of those."""
+    query_positions = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    key_positions = torch.arange(n_keys, device=device)[None, :]
+    visible = key_positions <= query_positions
+    if window is not None:
+        visible &= key_positions > query_positions - window
+    return visible
