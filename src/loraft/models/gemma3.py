@@ -24,7 +24,7 @@ from ..errors import LoraftError
 from ..lora import shared_input_linears
 from .family import Family
 from .kv_cache import LayerCache, causal_attention
-from .llama import HF_TOP, LORA_TARGETS, LlamaConfig, apply_rope, renamed, rope_tables
+from .llama import HF_TOP, LORA_TARGETS, FeedForward, LlamaConfig, apply_rope, renamed, rope_tables
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -99,16 +99,8 @@ class GroupedQueryAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, cfg: Gemma3Config):
-        super().__init__()
-        self.gate = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.up = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
-        self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
-
-    def forward(self, x):
-        gate, up = shared_input_linears(x, self.gate, self.up)
-        return self.down(nn.functional.gelu(gate, approximate="tanh") * up)
+def tanh_gelu(x):
+    return nn.functional.gelu(x, approximate="tanh")
 
 
 class TransformerBlock(nn.Module):
@@ -119,7 +111,7 @@ class TransformerBlock(nn.Module):
         self.att = GroupedQueryAttention(cfg, sliding)
         self.att_out_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         self.norm2 = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.ff = FeedForward(cfg)
+        self.ff = FeedForward(cfg, tanh_gelu)
         self.ff_out_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, cache: LayerCache | None = None):

@@ -128,15 +128,18 @@ class GroupedQueryAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """A gated feed-forward: SwiGLU by default (Gemma passes its tanh GELU)."""
+
+    def __init__(self, cfg, activation=nn.functional.silu):
         super().__init__()
         self.gate = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
         self.up = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=False)
         self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=False)
+        self.activation = activation
 
     def forward(self, x):
         gate, up = shared_input_linears(x, self.gate, self.up)
-        return self.down(nn.functional.silu(gate) * up)
+        return self.down(self.activation(gate) * up)
 
 
 class TransformerBlock(nn.Module):
