@@ -16,6 +16,7 @@ from .data.instruction import (
     DEFAULT_TEMPLATE,
     Batch,
     Example,
+    check_template,
     collate,
     encode_examples,
     end_id,
@@ -119,7 +120,7 @@ def stream_answer(
     """Yield the tokens of the model's answer to an instruction (and its input), asked in the
     adapter's template, until its end token; `sampling`: temperature, top_k, seed (default greedy)."""
     template = meta.get("template", DEFAULT_TEMPLATE)
-    prompt_ids = tokenizer.encode(format_prompt(instruction, input, template))
+    prompt_ids = tokenizer.encode(format_prompt(tokenizer, instruction, input, template))
     tokens = stream_tokens(
         model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling
     )
@@ -271,7 +272,7 @@ def train_instruct(
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
     dataset = load_instruction_data(data, val_file, test_file, (train or TrainConfig()).seed, data_from_github)
-    format_prompt("", "", template)  # an unknown template fails here, before anything is written
+    check_template(template)  # an unknown template fails here, before anything is written
     job = InstructionJob(dataset, template, max_length, mask_prompt, max_new_tokens)
     report = run_job(job, options, out, model, weights, lora_config, resume, overwrite, quiet, train)
     return report and {"model": model, "data": str(data), **report}

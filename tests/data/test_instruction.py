@@ -44,11 +44,11 @@ def test_download_checks_the_sha256(tmp_path, monkeypatch):
 
 def test_alpaca_template_is_the_books():
     # The book's format_input + "\n\n### Response:\n", for entries 50 (with an input) and 999 (without).
-    assert format_prompt("Identify the correct spelling of the following word.", "Ocassion", "alpaca") == (
+    assert format_prompt(None, "Identify the correct spelling of the following word.", "Ocassion", "alpaca") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nIdentify the correct spelling of the following word.\n\n### Input:\nOcassion\n\n### Response:\n"
     )
-    assert format_prompt("What is an antonym of 'complicated'?", "", "alpaca") == (
+    assert format_prompt(None, "What is an antonym of 'complicated'?", "", "alpaca") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nWhat is an antonym of 'complicated'?\n\n### Response:\n"
     )
@@ -59,7 +59,7 @@ def test_chat_template_renders_as_the_models_own(smollm2):
     template = jinja2.Environment().from_string(tokenizer.chat_template)
     question = {"role": "user", "content": "Rewrite the sentence.\n\nThe cake was eaten by me."}
     expected = template.render(messages=[question], add_generation_prompt=True)
-    assert format_prompt("Rewrite the sentence.", "The cake was eaten by me.", "chat") == expected
+    assert format_prompt(tokenizer, "Rewrite the sentence.", "The cake was eaten by me.", "chat") == expected
     # A training example is the whole conversation up to the answer's <|im_end|>.
     answer = {"role": "assistant", "content": "I ate the cake."}
     sequences, prompt_lengths = encode_examples(
@@ -68,7 +68,7 @@ def test_chat_template_renders_as_the_models_own(smollm2):
     assert tokenizer.decode(sequences[0]) + "\n" == template.render(messages=[question, answer])
     assert tokenizer.decode(sequences[0][: prompt_lengths[0]]) == expected
     with pytest.raises(LoraftError, match="unknown template 'vicuna'"):
-        format_prompt("x", "", "vicuna")
+        format_prompt(tokenizer, "x", "", "vicuna")
 
 
 def test_collate_masks_padding_but_each_first_end_token():
@@ -88,7 +88,7 @@ def test_encoding_ends_with_the_end_token_and_truncates(smollm2):
     _, tokenizer = smollm2
     example = Example("Name a primary color.", "", "Red.")
     (sequence,), (prompt_length,) = encode_examples(tokenizer, [example], "alpaca", 256)
-    assert sequence[:prompt_length] == tokenizer.encode(format_prompt(example.instruction, "", "alpaca"))
+    assert sequence[:prompt_length] == tokenizer.encode(format_prompt(tokenizer, example.instruction, "", "alpaca"))
     assert sequence[prompt_length:] == tokenizer.encode("Red.") + [tokenizer.eos_id]
     (short,), (short_prompt,) = encode_examples(tokenizer, [example], "alpaca", 10)
     assert short == sequence[:10] and short_prompt == 10

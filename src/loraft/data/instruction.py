@@ -2,7 +2,10 @@
 user's file, the 85/10/5 split, the prompt templates, and batches whose labels mark the tokens the
 loss counts."""
 
+import functools
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +29,6 @@ DEFAULT_TEMPLATE = "alpaca"  # the book's; works for models without a chat templ
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
-# SmolLM2-Instruct's chat template (ChatML) puts this system message first when a chat has none.
-CHAT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-CHAT_END = "<|im_end|>"
 
 
 @dataclass
@@ -142,9 +142,9 @@ def load_instruction_data(
 # ---------------------------------------------------------------- templates
 
 
-def format_prompt(instruction: str, input: str, template: str) -> str:
-    """The text before the response: the book's Alpaca prompt, or SmolLM2's chat turn (ChatML with
-    its default system message) with the input as a second paragraph of the user's message."""
+def format_prompt(tokenizer, instruction: str, input: str, template: str) -> str:
+    """The text before the response: the book's Alpaca prompt, or one user turn (the input as a second
+    paragraph of its message) in the model's own chat template, ready for the assistant's answer."""
     if template == "alpaca":
         text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
         if input:
@@ -152,19 +152,69 @@ def format_prompt(instruction: str, input: str, template: str) -> str:
         return text + "\n\n### Response:\n"
     if template == "chat":
         user = f"{instruction}\n\n{input}" if input else instruction
-        return (
-            f"<|im_start|>system\n{CHAT_SYSTEM}{CHAT_END}\n<|im_start|>user\n{user}{CHAT_END}\n<|im_start|>assistant\n"
-        )
+        return render_chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
     raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
 
+def check_template(template: str):
+    if template not in TEMPLATES:
+        raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_chat_template(source: str):
+    """A chat template compiled as transformers' apply_chat_template compiles it (sandboxed, blocks
+    trimmed, loop controls, its raise_exception and strftime_now helpers), so both render alike."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise LoraftError(f"the model's chat template refuses the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise LoraftError(f"the model's chat template is not valid jinja2 ({e})") from None
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """`messages` in the model's chat template, with the variables transformers gives it."""
+    if not tokenizer.chat_template:
+        raise LoraftError("the model's tokenizer has no chat template; use --template alpaca")
+    from jinja2 import TemplateError
+
+    bos = getattr(tokenizer, "bos_id", None)
+    try:
+        return compiled_chat_template(tokenizer.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            bos_token="" if bos is None else tokenizer.decode([bos]),
+            eos_token=tokenizer.decode([tokenizer.eos_id]),
+        )
+    except TemplateError as e:
+        raise LoraftError(f"the model's chat template failed to render ({e})") from None
+
+
+ANSWER = "\x00answer\x00"  # a stand-in answer, to find what the template writes after one
+
+
 def end_id(tokenizer, template: str) -> int:
-    """The token that ends a response: <|im_end|> in a chat, the end-of-text token otherwise."""
-    if template == "chat":
-        if not tokenizer.chat_template or CHAT_END not in tokenizer.chat_template:
-            raise LoraftError("the model's tokenizer has no ChatML chat template; use --template alpaca")
-        return tokenizer.encode(CHAT_END)[0]
-    return tokenizer.eos_id
+    """The token that ends a response: the one the chat template writes right after an answer
+    (<|im_end|>, <|eot_id|>, <end_of_turn>, ...), the end-of-text token otherwise."""
+    if template != "chat":
+        return tokenizer.eos_id
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER}]
+    after = render_chat(tokenizer, turns, add_generation_prompt=False).partition(ANSWER)[2]
+    if not after.strip():
+        raise LoraftError(
+            "the model's chat template writes no end-of-turn token after an answer; use --template alpaca"
+        )
+    return tokenizer.encode(after.strip())[0]
 
 
 def encode_examples(
@@ -174,7 +224,7 @@ def encode_examples(
 
     Prompt and response are encoded apart, as generation sees them: the prompt alone, then the
     tokens the model adds."""
-    prompts = tokenizer.encode_batch([format_prompt(e.instruction, e.input, template) for e in examples])
+    prompts = tokenizer.encode_batch([format_prompt(tokenizer, e.instruction, e.input, template) for e in examples])
     responses = tokenizer.encode_batch([e.output for e in examples])
     end = end_id(tokenizer, template)
     sequences = [(p + r + [end])[:max_length] for p, r in zip(prompts, responses)]
