@@ -4,6 +4,8 @@ itself differs from Llama only in config fields (partial rotary, LongRoPE), so t
 split on load into Llama's modules, and LoRA, PEFT and GGUF see the fused names again through
 `hf_modules` and `to_gguf`."""
 
+from dataclasses import replace
+
 import torch
 
 from .family import Family
@@ -15,6 +17,7 @@ from .llama import (
     gguf_metadata,
     renamed,
 )
+from .llama import config_from_gguf as llama_config_from_gguf
 from .llama import from_hf_state_dict as llama_from_hf_state_dict
 
 HF_FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
@@ -54,9 +57,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[st
 
 
 def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> LlamaConfig:
+    """Llama's config from the file, with Phi-3's partial rotary and LongRoPE factors."""
     a = "phi3."
-    n_heads = meta[a + "attention.head_count"]
-    emb_dim = meta[a + "embedding_length"]
+    cfg = llama_config_from_gguf(meta, tensors)
     rope_scaling = {}
     if "rope_factors_short.weight" in tensors:
         rope_scaling = {
@@ -68,21 +71,12 @@ def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> LlamaConfi
             "attention_factor": meta.get(a + "rope.scaling.attn_factor"),
             "max_position_embeddings": meta[a + "context_length"],
         }
-    context = rope_scaling.get("original_max_position_embeddings", meta[a + "context_length"])
-    return LlamaConfig(
-        vocab_size=meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+    context = rope_scaling.get("original_max_position_embeddings", cfg.context_length)
+    return replace(
+        cfg,
         context_length=min(context, meta.get(a + "attention.sliding_window") or context),
-        emb_dim=emb_dim,
-        n_heads=n_heads,
-        n_kv_heads=meta.get(a + "attention.head_count_kv", n_heads),
-        n_layers=meta[a + "block_count"],
-        hidden_dim=meta[a + "feed_forward_length"],
-        rope_base=meta.get(a + "rope.freq_base", 10000.0),
-        norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
-        tie_embeddings="output.weight" not in tensors,
-        rotary_fraction=meta.get(a + "rope.dimension_count", emb_dim // n_heads) / (emb_dim // n_heads),
+        rotary_fraction=meta.get(a + "rope.dimension_count", cfg.head_size) / cfg.head_size,
         rope_scaling=rope_scaling,
-        model_type="phi3",
     )
 
 
