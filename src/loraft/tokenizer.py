@@ -96,9 +96,23 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
 # How llama.cpp splits text before BPE, by the GGUF's `tokenizer.ggml.pre`, as `tokenizers` pre-tokenizers
 # (each the one in that family's own tokenizer.json). "smollm" isolates every digit, then GPT-2's split;
-# Llama 3 and Qwen2 (also Qwen2.5 and Qwen3) split by their regex, Llama 3 keeping up to three digits together.
+# Llama 3, Qwen2 (also Qwen2.5 and Qwen3) and GPT-4o (Phi-4-mini) split by their regex, Llama 3 keeping up to
+# three digits together.
 LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# GPT-4o's (tiktoken's o200k_base; Phi-4-mini's): cased words keep their case run together, and "/"
+# and line ends stay with the punctuation before them.
+O200K_SPLIT = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
 
 
 def regex_then_bytes(pattern: str):
@@ -120,6 +134,7 @@ PRE_TOKENIZERS = {
     ),
     "llama-bpe": lambda: regex_then_bytes(LLAMA3_SPLIT),
     "qwen2": lambda: regex_then_bytes(QWEN2_SPLIT),
+    "gpt-4o": lambda: regex_then_bytes(O200K_SPLIT),
 }
 # llama.cpp's token types
 NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN = 1, 3, 4, 5

@@ -22,7 +22,7 @@ GGUF_OF = {
     "mistral-7b-v0.1": ("llama", "gpt2"),
     "qwen2.5-0.5b": ("qwen2", "qwen2"),
     "qwen3-0.6b": ("qwen3", "qwen2"),
-    "phi-4-mini": ("phi3", "gpt2"),
+    "phi-4-mini": ("phi3", "gpt-4o"),
 }
 # every family loraft writes as GGUF is here (Gemma 3's is not written: to_gguf is None)
 WRITTEN = {

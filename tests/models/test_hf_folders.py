@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from loraft.models import HUB_MODELS, load_model
-from loraft.tokenizer import PRE_TOKENIZERS, BPETokenizer
+from loraft.tokenizer import O200K_SPLIT, PRE_TOKENIZERS, BPETokenizer
 
 from ..helpers import assert_clear_error, loraft
 from .checkpoints import CHAT_TEMPLATE, PROMPT, hf_checkpoint, write_tokenizer
@@ -164,7 +164,7 @@ def test_the_jobs_train_over_a_model_folder(tmp_path, qwen_folder, small_sms_tsv
 
 @pytest.mark.parametrize("pre", PRE_TOKENIZERS)
 def test_token_ids_equal_transformers_on_every_sms_message(tmp_path, pre, sms_texts):
-    """One tokenizer.json per pre-tokenizer kind (SmolLM2's, Llama 3's, Qwen2's and GPT-2's splits),
+    """One tokenizer.json per pre-tokenizer kind (SmolLM2's, Llama 3's, Qwen2's, GPT-4o's and GPT-2's splits),
     trained here on 2,000 messages since no real one can be had offline: loraft's ids from the file, and
     from the GGUF metadata it writes, equal transformers' on all 5,574 messages."""
     write_tokenizer(tmp_path, sms_texts[:2000], pre=pre)
@@ -176,6 +176,13 @@ def test_token_ids_equal_transformers_on_every_sms_message(tmp_path, pre, sms_te
     metadata = ours.gguf_metadata(ours.vocab_size)
     assert metadata["tokenizer.ggml.pre"] == pre
     assert BPETokenizer.from_gguf(metadata).encode_batch(sms_texts) == expected
+
+
+def test_gpt_4o_splits_text_as_tiktokens_o200k_base(monkeypatch):
+    from tiktoken_ext import openai_public
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: {})  # its ranks: a download
+    assert O200K_SPLIT == openai_public.o200k_base()["pat_str"]
 
 
 def test_a_gguf_of_an_unsupported_architecture_is_one_clear_line(tmp_path):
