@@ -55,7 +55,7 @@ class TextFormat:
 
     def encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
         prefix, suffix = self.template.split("{text}")
-        before = tokenizer.encode(prefix) if prefix else []
+        before = tokenizer.bos_prefix + (tokenizer.encode(prefix) if prefix else [])
         after = tokenizer.encode(suffix) if suffix else []
         room = self.max_length - len(before) - len(after)
         if room < 1:

@@ -56,7 +56,7 @@ def cmd_generate(args):
     tokens = []
     for token in stream_tokens(
         model,
-        tokenizer.encode(args.prompt),
+        tokenizer.bos_prefix + tokenizer.encode(args.prompt),
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,

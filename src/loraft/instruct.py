@@ -19,6 +19,7 @@ from .data.instruction import (
     check_template,
     collate,
     encode_examples,
+    encode_prompts,
     end_id,
     format_prompt,
     load_instruction_data,
@@ -120,7 +121,7 @@ def stream_answer(
     """Yield the tokens of the model's answer to an instruction (and its input), asked in the
     adapter's template, until its end token; `sampling`: temperature, top_k, seed (default greedy)."""
     template = meta.get("template", DEFAULT_TEMPLATE)
-    prompt_ids = tokenizer.encode(format_prompt(tokenizer, instruction, input, template))
+    (prompt_ids,) = encode_prompts(tokenizer, [format_prompt(tokenizer, instruction, input, template)], template)
     tokens = stream_tokens(
         model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling
     )

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import tiktoken
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
@@ -34,6 +34,7 @@ def check_texts(texts: list[str]) -> list[str]:
 class GPT2Tokenizer:
     name = "gpt2"
     chat_template = None
+    bos_prefix: list[int] = []  # GPT-2 starts a text with nothing
 
     def __init__(self):
         self.encoding = gpt2_encoding()
@@ -142,7 +143,8 @@ NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN = 1, 3, 4, 5
 
 class BPETokenizer:
     """A byte-level BPE tokenizer held by Hugging Face `tokenizers`, from a GGUF file's metadata or a
-    model folder's tokenizer.json. It adds no special tokens: each task's format writes the ones it needs."""
+    model folder's tokenizer.json. It adds no special tokens: each task puts `bos_prefix` (the BOS
+    that transformers' tokenizer(text) puts first, if any) before a sequence, and its format writes the rest."""
 
     def __init__(self, tokenizer: HFTokenizer, name: str, eos_id: int, pad_id: int | None, bos_id, chat_template):
         self.tokenizer = tokenizer
@@ -152,6 +154,7 @@ class BPETokenizer:
         self.pad_id = eos_id if pad_id is None else pad_id
         self.bos_id = bos_id
         self.chat_template = chat_template
+        self.bos_prefix = ids_before_text(tokenizer)
 
     @classmethod
     def from_gguf(cls, meta: dict) -> "BPETokenizer":
@@ -174,6 +177,9 @@ class BPETokenizer:
         tok.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN]
         )
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+            start_with(tok, tokens[bos], bos)
         return cls(
             tok,
             meta.get("general.name", "gguf"),
@@ -255,9 +261,21 @@ class BPETokenizer:
         }
         if self.bos_id is not None:
             metadata["tokenizer.ggml.bos_token_id"] = self.bos_id
+            metadata["tokenizer.ggml.add_bos_token"] = self.bos_prefix == [self.bos_id]
         if self.chat_template:
             metadata["tokenizer.chat_template"] = self.chat_template
         return metadata
+
+
+def start_with(tok: HFTokenizer, token: str, token_id: int):
+    """Make `tok` put `token` before each text it encodes with its special tokens."""
+    tok.post_processor = processors.TemplateProcessing(single=f"{token}:0 $A:0", special_tokens=[(token, token_id)])
+
+
+def ids_before_text(tok: HFTokenizer) -> list[int]:
+    """The ids `tok`'s post-processor puts before a text (a BOS, for Llama 3 and Gemma), as in transformers."""
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
+    return next(full[:i] for i in range(len(full)) if full[i : i + len(plain)] == plain)
 
 
 def pre_tokenizer_name(pre_tokenizer: dict) -> str:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import transformers
-from tokenizers import AddedToken
+from tokenizers import AddedToken, processors
 
 from loraft.data.instruction import Example, encode_examples, end_id, format_prompt, render_chat
 from loraft.errors import LoraftError
@@ -45,9 +45,15 @@ CASES = {
 def chat_folder(folder, texts, template, specials):
     tokenizer = write_tokenizer(folder, texts[:500])
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    bos = specials[0] if "bos_token" in template else None
+    if bos:  # a text starts with BOS, as Llama 3's and Gemma's do: the template's own must not be doubled
+        single = f"{bos} $A"
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single, special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings |= {"chat_template": template, "bos_token": specials[0] if specials[0] != "<|user|>" else None}
+    settings |= {"chat_template": template, "bos_token": bos}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return BPETokenizer.from_folder(folder, {}), transformers.AutoTokenizer.from_pretrained(folder)
@@ -68,6 +74,9 @@ def test_chat_prompts_and_examples_equal_transformers_apply_chat_template(tmp_pa
     assert end_id(ours, "chat") == theirs.convert_tokens_to_ids(end)
     assert sequence == whole[: whole.index(end_id(ours, "chat"), prompt_length) + 1]
     assert sequence[:prompt_length] == theirs(prompt, add_special_tokens=False).input_ids
+    (alpaca,), (alpaca_length,) = encode_examples(ours, [example], "alpaca", 256)
+    alpaca_prompt = format_prompt(ours, example.instruction, example.input, "alpaca")
+    assert alpaca[:alpaca_length] == theirs(alpaca_prompt).input_ids  # with the tokenizer's own BOS, if any
 
 
 def test_a_template_that_refuses_or_cannot_end_an_answer_is_one_clear_error(tmp_path, sms_texts):

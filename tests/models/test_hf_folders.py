@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tokenizers import AddedToken, processors
 
+from loraft.classifier import TextFormat
 from loraft.models import HUB_MODELS, load_model
 from loraft.tokenizer import O200K_SPLIT, PRE_TOKENIZERS, BPETokenizer
 
@@ -176,6 +178,34 @@ def test_token_ids_equal_transformers_on_every_sms_message(tmp_path, pre, sms_te
     metadata = ours.gguf_metadata(ours.vocab_size)
     assert metadata["tokenizer.ggml.pre"] == pre
     assert BPETokenizer.from_gguf(metadata).encode_batch(sms_texts) == expected
+
+
+@pytest.mark.parametrize("layout", ["post-processor", "add_bos_token", "none"])
+def test_each_sequence_starts_as_transformers_starts_a_text(tmp_path, layout, sms_texts):
+    """BOS as Llama 3's and Gemma's tokenizer.json put it (their post-processor), or none (Qwen2's; and
+    tokenizer_config.json's add_bos_token, which transformers ignores beside a tokenizer.json): loraft's
+    `bos_prefix` before a text gives transformers' tokenizer(text), from the folder and from the GGUF
+    metadata it writes; a classifier's input starts with it."""
+    tokenizer = write_tokenizer(tmp_path, sms_texts[:2000], pre="llama-bpe")
+    tokenizer.add_special_tokens([AddedToken("<|begin_of_text|>", special=True, normalized=False)])
+    bos = tokenizer.token_to_id("<|begin_of_text|>")
+    if layout == "post-processor":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text()) | {"bos_token": "<|begin_of_text|>"}
+    if layout == "add_bos_token":
+        settings |= {"add_bos_token": True, "add_eos_token": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    ours = BPETokenizer.from_folder(tmp_path, {})
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path)(sms_texts).input_ids
+    assert ours.bos_prefix == ([bos] if layout == "post-processor" else [])
+    assert [ours.bos_prefix + ids for ids in ours.encode_batch(sms_texts)] == expected
+    from_gguf = BPETokenizer.from_gguf(ours.gguf_metadata(ours.vocab_size))
+    assert from_gguf.bos_prefix == ours.bos_prefix
+    assert TextFormat(max_length=512).encode(ours, sms_texts[:50]) == expected[:50]
 
 
 def test_gpt_4o_splits_text_as_tiktokens_o200k_base(monkeypatch):

@@ -217,6 +217,13 @@ def end_id(tokenizer, template: str) -> int:
     return tokenizer.encode(after.strip())[0]
 
 
+def encode_prompts(tokenizer, prompts: list[str], template: str) -> list[list[int]]:
+    """Token ids of prompts: a chat template writes its own BOS (transformers' apply_chat_template adds
+    none), the Alpaca prompt starts as the tokenizer starts a text."""
+    start = [] if template == "chat" else tokenizer.bos_prefix
+    return [start + ids for ids in tokenizer.encode_batch(prompts)]
+
+
 def encode_examples(
     tokenizer, examples: list[Example], template: str, max_length: int
 ) -> tuple[list[list[int]], list[int]]:
@@ -224,7 +231,9 @@ def encode_examples(
 
     Prompt and response are encoded apart, as generation sees them: the prompt alone, then the
     tokens the model adds."""
-    prompts = tokenizer.encode_batch([format_prompt(tokenizer, e.instruction, e.input, template) for e in examples])
+    prompts = encode_prompts(
+        tokenizer, [format_prompt(tokenizer, e.instruction, e.input, template) for e in examples], template
+    )
     responses = tokenizer.encode_batch([e.output for e in examples])
     end = end_id(tokenizer, template)
     sequences = [(p + r + [end])[:max_length] for p, r in zip(prompts, responses)]
