@@ -1,11 +1,13 @@
-"""Tokenizers: GPT-2's BPE through tiktoken, and any byte-level BPE described inside a GGUF file
-(SmolLM2's) or a Hugging Face tokenizer.json, through Hugging Face `tokenizers`."""
+"""Tokenizers: GPT-2's BPE through tiktoken, and the two kinds of BPE a GGUF file or a Hugging Face
+tokenizer.json describes, through Hugging Face `tokenizers`: byte-level BPE (GPT-2's, SmolLM2's, Llama 3's,
+Qwen's) and SentencePiece's BPE with byte fallback (Gemma's, Llama 2's, Phi-3's)."""
 
 import json
+import re
 from pathlib import Path
 
 import tiktoken
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
@@ -138,13 +140,44 @@ PRE_TOKENIZERS = {
     "gpt-4o": lambda: regex_then_bytes(O200K_SPLIT),
 }
 # llama.cpp's token types
-NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN = 1, 3, 4, 5
+NORMAL_TOKEN, UNKNOWN_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN, BYTE_TOKEN = 1, 2, 3, 4, 5, 6
+
+# SentencePiece writes each space as "▁"; its byte fallback spells a character the vocabulary lacks as
+# the tokens of its UTF-8 bytes, <0x00> to <0xFF>.
+SPACE = "▁"
+BYTE_TOKEN_TEXT = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def sentencepiece_normalizer(space_prefix: bool):
+    """Spaces as ▁ and, with `space_prefix`, a ▁ before each text (and after each special token), as
+    llama.cpp and SentencePiece do."""
+    replace = normalizers.Replace(" ", SPACE)
+    return normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if space_prefix else replace
+
+
+def sentencepiece_decoder(space_prefix: bool):
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    return decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] * space_prefix)
+
+
+def merges_by_score(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """A SentencePiece vocabulary's merges as transformers derives them: every split of each normal token
+    into two normal tokens, the highest-scoring token's first. BPE merging by these ranks is llama.cpp's
+    merging of the adjacent pair whose joined token scores highest."""
+    normal = {token for token, kind in zip(tokens, types) if kind == NORMAL_TOKEN}
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: -scores[i]):
+        token = tokens[i]
+        if token in normal:
+            merges += [(token[:k], token[k:]) for k in range(1, len(token)) if {token[:k], token[k:]} <= normal]
+    return merges
 
 
 class BPETokenizer:
-    """A byte-level BPE tokenizer held by Hugging Face `tokenizers`, from a GGUF file's metadata or a
-    model folder's tokenizer.json. It adds no special tokens: each task puts `bos_prefix` (the BOS
-    that transformers' tokenizer(text) puts first, if any) before a sequence, and its format writes the rest."""
+    """A BPE tokenizer held by Hugging Face `tokenizers`, byte-level or SentencePiece's (with byte
+    fallback), from a GGUF file's metadata or a model folder's tokenizer.json. It adds no special tokens:
+    each task puts `bos_prefix` (the BOS that transformers' tokenizer(text) puts first, if any) before a
+    sequence, and its format writes the rest."""
 
     def __init__(self, tokenizer: HFTokenizer, name: str, eos_id: int, pad_id: int | None, bos_id, chat_template):
         self.tokenizer = tokenizer
@@ -158,27 +191,42 @@ class BPETokenizer:
 
     @classmethod
     def from_gguf(cls, meta: dict) -> "BPETokenizer":
-        if meta.get("tokenizer.ggml.model") != "gpt2":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind not in ("gpt2", "llama"):
             raise LoraftError(
-                f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r}: loraft reads byte-level BPE ('gpt2')"
+                f"unsupported GGUF tokenizer {kind!r}: loraft reads byte-level BPE ('gpt2') and SentencePiece BPE ('llama')"
             )
-        pre = meta.get("tokenizer.ggml.pre", "gpt2")
-        if pre not in PRE_TOKENIZERS:
-            raise LoraftError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
         tokens = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        # Llama 3 looks a whole piece up in the vocabulary before merging (its tokenizer.json's
-        # ignore_merges; llama.cpp does the same for "llama-bpe")
+        types = meta.get("tokenizer.ggml.token_type") or [NORMAL_TOKEN] * len(tokens)
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
-        tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
-        tok.decoder = decoders.ByteLevel()
-        types = meta.get("tokenizer.ggml.token_type", [])
-        tok.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL_TOKEN]
+        if kind == "gpt2":
+            pre = meta.get("tokenizer.ggml.pre", "gpt2")
+            if pre not in PRE_TOKENIZERS:
+                raise LoraftError(f"unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
+            merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+            # Llama 3 looks a whole piece up in the vocabulary before merging (its tokenizer.json's
+            # ignore_merges; llama.cpp does the same for "llama-bpe")
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+            tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+            tok.decoder = decoders.ByteLevel()
+        else:
+            unk = meta.get("tokenizer.ggml.unknown_token_id")
+            merges = merges_by_score(tokens, meta["tokenizer.ggml.scores"], types)
+            unk_token = None if unk is None else tokens[unk]
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=unk_token))
+            space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)  # llama.cpp's default
+            tok.normalizer = sentencepiece_normalizer(space_prefix)
+            tok.decoder = sentencepiece_decoder(space_prefix)
+        # llama.cpp finds both kinds whole in the text; only control tokens are special
+        tok.add_tokens(
+            [
+                AddedToken(t, special=k == CONTROL_TOKEN, normalized=False)
+                for t, k in zip(tokens, types)
+                if k in (CONTROL_TOKEN, USER_DEFINED_TOKEN)
+            ]
         )
         bos = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:  # llama.cpp's default
             start_with(tok, tokens[bos], bos)
         return cls(
             tok,
@@ -236,35 +284,88 @@ class BPETokenizer:
         """The tokenizer.* keys llama.cpp reads, the token list padded to the model's `vocab_size`
         embedding rows as llama.cpp's converter pads it."""
         state = json.loads(self.tokenizer.to_str())
-        if state["model"]["type"] != "BPE" or state["decoder"] is None or state["decoder"]["type"] != "ByteLevel":
-            raise LoraftError(f"{self.name}: loraft writes byte-level BPE tokenizers to GGUF, not this one")
-        pre = pre_tokenizer_name(state["pre_tokenizer"])
+        model = state["model"]
+        sentencepiece = model["type"] == "BPE" and model.get("byte_fallback")
+        byte_level = model["type"] == "BPE" and (state["decoder"] or {}).get("type") == "ByteLevel"
+        if not (sentencepiece or byte_level):
+            raise LoraftError(
+                f"{self.name}: loraft writes byte-level and SentencePiece BPE tokenizers to GGUF, not this one"
+            )
         by_id = {i: t for t, i in self.tokenizer.get_vocab(with_added_tokens=True).items()}
         if max(by_id) >= vocab_size:
             raise LoraftError(f"{self.name}: token id {max(by_id)} does not fit the model's {vocab_size} embeddings")
         added = {t["content"]: t["special"] for t in state["added_tokens"]}
 
         def token_type(token):
-            if token not in added:
-                return NORMAL_TOKEN
-            return CONTROL_TOKEN if added[token] else USER_DEFINED_TOKEN
+            if sentencepiece and token == model["unk_token"]:
+                return UNKNOWN_TOKEN
+            if token in added:
+                return CONTROL_TOKEN if added[token] else USER_DEFINED_TOKEN
+            return BYTE_TOKEN if sentencepiece and BYTE_TOKEN_TEXT.fullmatch(token) else NORMAL_TOKEN
 
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-        metadata = {
-            "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": pre,
-            "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [token_type(t) if i in by_id else UNUSED_TOKEN for i, t in enumerate(tokens)],
-            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]],
-            "tokenizer.ggml.eos_token_id": self.eos_id,
-            "tokenizer.ggml.padding_token_id": self.pad_id,
-        }
+        types = [token_type(t) if i in by_id else UNUSED_TOKEN for i, t in enumerate(tokens)]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        metadata = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+        if sentencepiece:
+            metadata |= self.sentencepiece_metadata(state, tokens, types, merges)
+        else:
+            metadata |= {
+                "tokenizer.ggml.model": "gpt2",
+                "tokenizer.ggml.pre": pre_tokenizer_name(state["pre_tokenizer"]),
+                "tokenizer.ggml.merges": [" ".join(m) for m in merges],
+            }
+        metadata |= {"tokenizer.ggml.eos_token_id": self.eos_id, "tokenizer.ggml.padding_token_id": self.pad_id}
         if self.bos_id is not None:
             metadata["tokenizer.ggml.bos_token_id"] = self.bos_id
             metadata["tokenizer.ggml.add_bos_token"] = self.bos_prefix == [self.bos_id]
         if self.chat_template:
             metadata["tokenizer.chat_template"] = self.chat_template
         return metadata
+
+    def sentencepiece_metadata(self, state: dict, tokens: list[str], types: list[int], merges: list) -> dict:
+        """A "llama" GGUF's scores in place of the merges: llama.cpp joins the adjacent pair whose token
+        scores highest, so a token scores minus the rank of the first merge that makes it. Tokens no merge
+        makes (characters, bytes, special and padding tokens) score 0: llama.cpp reads a token's score only
+        when two adjacent pieces join into it."""
+        first = {}
+        for rank, (left, right) in enumerate(merges):
+            first.setdefault(left + right, rank)
+        scores = [-float(first[t]) if t in first else 0.0 for t in tokens]
+        # Scores say which token is made first, not which of its splits, so the merges must be every split
+        # of each token into two tokens, each token's together, as a SentencePiece vocabulary's are
+        ranks = [first[left + right] for left, right in merges]
+        if ranks != sorted(ranks) or set(merges) != set(merges_by_score(tokens, scores, types)):
+            raise LoraftError(
+                f"{self.name}: its merges are not a SentencePiece vocabulary's (every split of every token, "
+                f"by score), which is all a 'llama' GGUF can describe"
+            )
+        metadata = {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.add_space_prefix": sentencepiece_space_prefix(state),
+        }
+        if state["model"]["unk_token"] is not None:
+            metadata["tokenizer.ggml.unknown_token_id"] = self.tokenizer.token_to_id(state["model"]["unk_token"])
+        return metadata
+
+
+def without_offsets(value):
+    """A serialized tokenizer part without its offsets trimming, which changes no id."""
+    if isinstance(value, dict):
+        return {k: without_offsets(v) for k, v in value.items() if k != "trim_offsets"}
+    return [without_offsets(v) for v in value] if isinstance(value, list) else value
+
+
+def serialized(normalizer=None, pre_tokenizer=None) -> tuple:
+    """(normalizer, pre-tokenizer) as a tokenizer.json has them."""
+    probe = HFTokenizer(models.BPE())
+    if normalizer is not None:
+        probe.normalizer = normalizer
+    if pre_tokenizer is not None:
+        probe.pre_tokenizer = pre_tokenizer
+    state = json.loads(probe.to_str())
+    return without_offsets(state["normalizer"]), without_offsets(state["pre_tokenizer"])
 
 
 def start_with(tok: HFTokenizer, token: str, token_id: int):
@@ -279,18 +380,32 @@ def ids_before_text(tok: HFTokenizer) -> list[int]:
 
 
 def pre_tokenizer_name(pre_tokenizer: dict) -> str:
-    """llama.cpp's name for a tokenizer.json's pre-tokenizer (offsets trimming aside, which changes no id)."""
-
-    def without_offsets(value):
-        if isinstance(value, dict):
-            return {k: without_offsets(v) for k, v in value.items() if k != "trim_offsets"}
-        return [without_offsets(v) for v in value] if isinstance(value, list) else value
-
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer."""
     for name, build in PRE_TOKENIZERS.items():
-        probe = HFTokenizer(models.BPE())
-        probe.pre_tokenizer = build()
-        if without_offsets(json.loads(probe.to_str())["pre_tokenizer"]) == without_offsets(pre_tokenizer):
+        if serialized(pre_tokenizer=build())[1] == without_offsets(pre_tokenizer):
             return name
     raise LoraftError(
         f"the tokenizer splits text in a way loraft cannot name for llama.cpp (it knows {', '.join(PRE_TOKENIZERS)})"
+    )
+
+
+def sentencepiece_space_prefix(state: dict) -> bool:
+    """llama.cpp's add_space_prefix for a SentencePiece tokenizer.json: False for Gemma's (spaces replaced,
+    then a split on the spaces, which none are left), True for Llama 2's (a ▁ prepended by the normalizer,
+    or by a Metaspace pre-tokenizer as transformers 5 builds Llama's; Metaspace prepends none to a text
+    that starts with a space, llama.cpp does)."""
+    metaspace = [pre_tokenizers.Metaspace(SPACE, scheme, split=False) for scheme in ("first", "always")]
+    shapes = [
+        (serialized(sentencepiece_normalizer(False)), False),
+        (serialized(sentencepiece_normalizer(False), pre_tokenizers.Split(" ", "merged_with_previous")), False),
+        (serialized(sentencepiece_normalizer(True)), True),
+        *[(serialized(None, pre), True) for pre in metaspace],
+    ]
+    found = (without_offsets(state["normalizer"]), without_offsets(state["pre_tokenizer"]))
+    for shape, space_prefix in shapes:
+        if shape == found:
+            return space_prefix
+    raise LoraftError(
+        "the SentencePiece tokenizer normalizes or splits text in a way loraft cannot describe to llama.cpp "
+        "(it knows Gemma's and Llama 2's)"
     )

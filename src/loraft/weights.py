@@ -180,7 +180,7 @@ def read_gguf_metadata(path: Path) -> dict:
 
 
 def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata (plus the list of tensor names) and every tensor dequantised to `dtype`."""
+    """Metadata (plus the list of tensor names) and every tensor dequantised to `dtype` (vectors to fp32)."""
     from gguf.quants import dequantize
 
     reader = gguf_reader(path)
@@ -193,7 +193,10 @@ def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Te
             raise LoraftError(
                 f"{path}: tensor {t.name} uses {t.tensor_type.name}, which loraft cannot dequantise"
             ) from None
-        tensors[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).to(dtype)
+        tensor = torch.from_numpy(np.array(values, dtype=np.float32))
+        # vectors (norms, biases) stay fp32 for the family to read (Gemma's norms are stored as 1 + weight);
+        # loading the model casts them
+        tensors[t.name] = tensor if tensor.dim() == 1 else tensor.to(dtype)
     return meta, tensors
 
 

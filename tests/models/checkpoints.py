@@ -5,7 +5,8 @@ import json
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers.tokenization_utils_base import generate_merges
 
 from loraft.tokenizer import PRE_TOKENIZERS
 
@@ -224,5 +225,55 @@ def write_tokenizer(folder, texts, pre="gpt2", vocab_size=300):
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return tokenizer
+
+
+# tokenizer_config.json's class, the special tokens (ids from 0: unk, bos, eos, pad where it has one) and
+# whether a ▁ goes before each text, as in Gemma 3's and Llama 2's (also Phi-3's) files
+SENTENCEPIECE_STYLES = {
+    "gemma": ("GemmaTokenizer", dict(pad="<pad>", eos="<eos>", bos="<bos>", unk="<unk>"), False),
+    "llama": ("LlamaTokenizer", dict(unk="<unk>", bos="<s>", eos="</s>"), True),
+}
+GEMMA_CHAT_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def write_sentencepiece_tokenizer(folder, texts, style="gemma", vocab_size=500):
+    """A SentencePiece BPE with byte fallback in `style`'s tokenizer.json shape, saved with its
+    tokenizer_config.json. No real one can be had offline, so `tokenizers` trains one on `texts` (split at
+    spaces, as SentencePiece trains), and it is given the merges SentencePiece-derived files have:
+    transformers' every split of every token into two tokens, by the token's score (minus its id: the
+    trainer numbers tokens in the order it made them). Byte tokens <0x00>..<0xFF> follow the specials."""
+    tokenizer_class, specials, space_prefix = SENTENCEPIECE_STYLES[style]
+    special_tokens = list(specials.values()) + (["<start_of_turn>", "<end_of_turn>"] if style == "gemma" else [])
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace("▁", "always" if space_prefix else "never", split=True)
+    trained.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    pieces = sorted(trained.get_vocab(), key=trained.token_to_id)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {token: i for i, token in enumerate(special_tokens + byte_tokens + pieces)}
+    scores = {token: -float(i) for token, i in vocab.items()}
+    merges = generate_merges(vocab, scores, skip_tokens=set(special_tokens) | set(byte_tokens))
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    decoder = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if space_prefix:  # as transformers 5 writes Llama's: a Metaspace pre-tokenizer puts the ▁ first
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("▁", "first", split=False)
+        decoder.append(decoders.Strip(" ", 1, 0))
+    else:  # as the hub's Gemma 3 file: spaces replaced, then a split at spaces (none are left)
+        tokenizer.normalizer = normalizers.Replace(" ", "▁")
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tokenizer.decoder = decoders.Sequence(decoder)
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    bos = specials["bos"]  # each text starts with BOS, as both put it
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {f"{key}_token": token for key, token in specials.items()}
+    settings |= dict(tokenizer_class=tokenizer_class, add_bos_token=True, add_eos_token=False)
+    if style == "gemma":
+        settings["chat_template"] = GEMMA_CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     return tokenizer

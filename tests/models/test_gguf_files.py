@@ -12,10 +12,19 @@ from loraft.generate import generate
 from loraft.gguf_writer import write_gguf
 from loraft.models import family_named, load_hf_checkpoint, load_model
 
-from ..helpers import tiny_gpt2
-from .checkpoints import PROMPT, REAL, hf_checkpoint, write_tokenizer
+from ..helpers import loraft, tiny_gpt2
+from .checkpoints import (
+    GEMMA3_LAYERS,
+    PROMPT,
+    REAL,
+    SENTENCEPIECE_STYLES,
+    hf_checkpoint,
+    write_sentencepiece_tokenizer,
+    write_tokenizer,
+)
 
-# llama.cpp's architecture and pre-tokenizer name of each family's GGUF files
+# llama.cpp's architecture of each family's GGUF files, and their tokenizer: a byte-level one's
+# pre-tokenizer name, or a SentencePiece style
 GGUF_OF = {
     "llama-3.2-1b": ("llama", "llama-bpe"),
     "smollm2-360m": ("llama", "smollm"),
@@ -23,8 +32,14 @@ GGUF_OF = {
     "qwen2.5-0.5b": ("qwen2", "qwen2"),
     "qwen3-0.6b": ("qwen3", "qwen2"),
     "phi-4-mini": ("phi3", "gpt-4o"),
+    "gemma-3-270m": ("gemma3", "gemma"),
+    "gemma-3-1b": ("gemma3", "gemma"),
 }
-# every family loraft writes as GGUF is here (Gemma 3's is not written: to_gguf is None)
+# Gemma 3 as llama.cpp reads it: six layers of its pattern, queries scaled by head_dim (16) as in the
+# real models, and room for the SentencePiece tokenizer's byte tokens
+GEMMA3_AS_LLAMA_CPP = dict(layers=6, query_pre_attn_scalar=16, vocab_size=800)
+CHANGES = {"gemma-3-270m": GEMMA3_AS_LLAMA_CPP, "gemma-3-1b": GEMMA3_AS_LLAMA_CPP}
+# every family loraft writes as GGUF is here
 WRITTEN = {
     name
     for name, (kind, _) in REAL.items()
@@ -34,8 +49,12 @@ assert set(GGUF_OF) == WRITTEN
 
 
 def checkpoint_folder(folder, name, texts, **changes):
-    reference = hf_checkpoint(folder, name, **changes)
-    write_tokenizer(folder, texts, pre=GGUF_OF[name][1])
+    reference = hf_checkpoint(folder, name, **CHANGES.get(name, {}) | changes)
+    tokenizer = GGUF_OF[name][1]
+    if tokenizer in SENTENCEPIECE_STYLES:
+        write_sentencepiece_tokenizer(folder, texts, tokenizer)
+    else:
+        write_tokenizer(folder, texts, pre=tokenizer)
     return reference
 
 
@@ -49,17 +68,22 @@ def test_a_written_gguf_reads_back_as_the_same_model_and_tokenizer(tmp_path, nam
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= names
     assert ("blk.0.attn_qkv.weight" in names) == (name == "phi-4-mini")
+    assert ("blk.5.post_ffw_norm.weight" in names) == name.startswith("gemma")
 
     back, back_tokenizer = load_model(str(path))
     ids = torch.tensor([PROMPT, PROMPT[::-1]])
     with torch.no_grad():
         expected = reference(ids).logits
         assert (back(ids) - expected).abs().max() <= 1e-4
+        assert torch.equal(back(ids), model(ids))
     assert generate(back, PROMPT, 8) == generate(model, PROMPT, 8)
     texts = sms_texts[2000:2300]
     assert back_tokenizer.encode_batch(texts) == tokenizer.encode_batch(texts)
     assert (back_tokenizer.eos_id, back_tokenizer.pad_id) == (tokenizer.eos_id, tokenizer.pad_id)
     assert back_tokenizer.chat_template == tokenizer.chat_template
+    if name == "gemma-3-270m":
+        generated = loraft("generate", "--model", str(path), "--prompt", "Free entry", "--max-new-tokens", "4")
+        assert generated.returncode == 0, generated.stderr
 
 
 # transformers' GGUF reader ignores the file's head size (Qwen3's is taken as its config's default, 128,
@@ -76,11 +100,12 @@ PLAIN_ROPE = dict(rope_type="default", rope_theta=10000.0)
         ("qwen2.5-0.5b", {}),
         ("qwen3-0.6b", dict(head_dim=128)),
         ("phi-4-mini", dict(partial_rotary_factor=1.0, rope_parameters=PLAIN_ROPE)),
+        ("gemma-3-270m", dict(head_dim=256, query_pre_attn_scalar=256)),  # its reader's default scalar
     ],
 )
 def test_transformers_reads_the_written_gguf_as_the_checkpoint(tmp_path, name, changes, sms_texts):
     """An independent reader of llama.cpp's layout: q/k rows permuted for llama, q/k norms, biases,
-    Phi-3's fused projections."""
+    Phi-3's fused projections, Gemma's norms stored as 1 + weight."""
     reference = checkpoint_folder(tmp_path / "hf", name, sms_texts[:2000], **changes)
     model, tokenizer = load_model(str(tmp_path / "hf"))
     write_gguf(model, tmp_path / "model.gguf", "f32", tokenizer.gguf_metadata(model.config.vocab_size))
@@ -90,10 +115,18 @@ def test_transformers_reads_the_written_gguf_as_the_checkpoint(tmp_path, name, c
         assert (theirs.eval()(ids).logits - reference(ids).logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("tensor_type,bound", [("f16", 0.02), ("bf16", 0.15), ("q8_0", 0.4)])
-def test_smaller_tensor_types_stay_close(tmp_path, tensor_type, bound, sms_texts):
-    """Bounds: about twice the largest logit error measured."""
-    reference = checkpoint_folder(tmp_path / "hf", "qwen3-0.6b", sms_texts[:2000])
+# about twice the largest logit error measured (Gemma's six layers and sqrt(emb_dim)-scaled embeddings
+# carry its rounding further than Qwen3's two layers)
+BOUNDS = {
+    "qwen3-0.6b": {"f16": 0.02, "bf16": 0.15, "q8_0": 0.4},
+    "gemma-3-270m": {"f16": 0.03, "bf16": 0.3, "q8_0": 0.9},
+}
+
+
+@pytest.mark.parametrize("name", BOUNDS)
+@pytest.mark.parametrize("tensor_type", ["f16", "bf16", "q8_0"])
+def test_smaller_tensor_types_stay_close(tmp_path, name, tensor_type, sms_texts):
+    reference = checkpoint_folder(tmp_path / "hf", name, sms_texts[:2000])
     model, tokenizer = load_model(str(tmp_path / "hf"))
     path = write_gguf(model, tmp_path / "model.gguf", tensor_type, tokenizer.gguf_metadata(model.config.vocab_size))
     kinds = {t.tensor_type.name for t in GGUFReader(path).tensors}
@@ -101,7 +134,7 @@ def test_smaller_tensor_types_stay_close(tmp_path, tensor_type, bound, sms_texts
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         error = (load_model(str(path))[0](ids) - reference(ids).logits).abs().max().item()
-    assert 0 < error <= bound
+    assert 0 < error <= BOUNDS[name][tensor_type]
 
 
 def test_what_cannot_be_written_is_refused(tmp_path):
@@ -109,7 +142,28 @@ def test_what_cannot_be_written_is_refused(tmp_path):
         write_gguf(tiny_gpt2(), tmp_path / "gpt2.gguf")
     with pytest.raises(LoraftError, match="tensor type 'q4_k' is not supported"):
         write_gguf(tiny_gpt2(), tmp_path / "gpt2.gguf", "q4_k")
-    hf_checkpoint(tmp_path / "gemma", "gemma-3-270m")
-    with pytest.raises(LoraftError, match="does not write gemma3_text models as GGUF"):
-        write_gguf(load_hf_checkpoint(tmp_path / "gemma"), tmp_path / "gemma.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+SLIDING_ROPE = dict(rope_type="default", rope_theta=20000.0)
+FULL_ROPE = dict(rope_type="default", rope_theta=1000000.0)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(layer_types=GEMMA3_LAYERS[:3]), "layer_types other than 5 sliding-window then 1 full"),
+        (
+            dict(rope_parameters=dict(sliding_attention=SLIDING_ROPE, full_attention=FULL_ROPE)),
+            "a sliding-window RoPE base of 20000, not 10000",
+        ),
+        (dict(query_pre_attn_scalar=24), "query_pre_attn_scalar 24, not 16"),
+    ],
+)
+def test_a_gemma3_llama_cpp_would_read_differently_is_refused(tmp_path, changes, message):
+    """llama.cpp assumes Gemma 3's layer pattern, sliding RoPE base and query scale instead of reading them."""
+    hf_checkpoint(tmp_path / "gemma", "gemma-3-270m", **GEMMA3_AS_LLAMA_CPP | changes)
+    model = load_hf_checkpoint(tmp_path / "gemma")
+    with pytest.raises(LoraftError, match=f"llama.cpp would read this Gemma 3 as another model: it has {message}"):
+        write_gguf(model, tmp_path / "gemma.gguf")
     assert not list(tmp_path.glob("*.gguf"))

@@ -21,9 +21,12 @@ ARCHITECTURES = [kind for family in FAMILIES.values() for kind in family.hf_mode
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def family_named(name: str, source: str) -> Family:
-    """The family called `name` (an adapter's "architecture", a config.json's model_type, a GGUF's)."""
-    if name == "gemma3":  # the multimodal wrapper: its text weights sit under a language_model prefix
+def family_named(name: str, source: str, gguf: bool = False) -> Family:
+    """The family called `name` (an adapter's "architecture", a config.json's model_type, or with `gguf`
+    a GGUF's general.architecture)."""
+    # config.json's "gemma3" is the multimodal wrapper, its text weights under a language_model prefix;
+    # a "gemma3" GGUF holds the text model alone
+    if name == "gemma3" and not gguf:
         raise LoraftError(
             f"{source}: model_type 'gemma3' is Gemma 3's multimodal (image and text) model, which loraft does "
             f"not read; it reads Gemma 3's text-only checkpoints, model_type gemma3_text (gemma-3-270m, gemma-3-1b)"
@@ -124,7 +127,7 @@ def family_to_load(name_or_path: str) -> Family:
     if isinstance(target, ModelInfo):
         return FAMILIES[target.family]
     if target.suffix == ".gguf":
-        return family_named(weights.read_gguf_metadata(target).get("general.architecture"), str(target))
+        return family_named(weights.read_gguf_metadata(target).get("general.architecture"), str(target), gguf=True)
     return family_named(read_json(target / "config.json").get("model_type"), f"{target}/config.json")
 
 
@@ -210,7 +213,7 @@ def build_with(family: Family, config, state: dict[str, torch.Tensor], source: s
 
 def load_gguf(path: Path, dtype) -> tuple[nn.Module, BPETokenizer]:
     meta, tensors = weights.read_gguf(path, dtype)
-    family = family_named(meta.get("general.architecture"), str(path))
+    family = family_named(meta.get("general.architecture"), str(path), gguf=True)
     if family.from_gguf_tensors is None:
         raise LoraftError(f"{path}: loraft reads {family.name} models from Hugging Face checkpoints, not GGUF")
     config = family.config_from_gguf(meta, tensors)

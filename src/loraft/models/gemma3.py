@@ -24,7 +24,8 @@ from ..errors import LoraftError
 from ..lora import shared_input_linears
 from .family import Family
 from .kv_cache import LayerCache, causal_attention
-from .llama import HF_TOP, LORA_TARGETS, FeedForward, LlamaConfig, apply_rope, renamed, rope_tables
+from .llama import GGUF_NAMES as LLAMA_GGUF_NAMES
+from .llama import GGUF_TOP, HF_TOP, LORA_TARGETS, FeedForward, LlamaConfig, apply_rope, renamed, rope_tables
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -189,15 +190,25 @@ HF_NAMES = {
 }
 
 
+GGUF_NAMES = LLAMA_GGUF_NAMES | {"att_out_norm": "post_attention_norm", "ff_out_norm": "post_ffw_norm"}
+
+
+def renamed_state(tensors: dict[str, torch.Tensor], cfg: Gemma3Config, blocks: str, names: dict, top: dict) -> dict:
+    """Our state dict from `tensors` named by `blocks`, `names` and `top` (see llama.renamed), the output
+    head tied to the embeddings where it is absent."""
+    with torch.device("meta"):
+        ours = list(Gemma3(cfg).state_dict())
+    sd = {}
+    for name in ours:
+        theirs = renamed(name, blocks, names, top)
+        embeddings = renamed("tok_emb.weight", blocks, names, top)
+        sd[name] = tensors[theirs] if name != "out_head.weight" else tensors.get(theirs, tensors[embeddings])
+    return sd
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: Gemma3Config) -> dict[str, torch.Tensor]:
     """Our state dict from a Gemma3ForCausalLM checkpoint."""
-    with torch.device("meta"):
-        names = list(Gemma3(cfg).state_dict())
-    sd = {}
-    for name in names:
-        theirs = renamed(name, "model.layers", HF_NAMES, HF_TOP)
-        sd[name] = hf[theirs] if name != "out_head.weight" else hf.get(theirs, hf["model.embed_tokens.weight"])
-    return sd
+    return renamed_state(hf, cfg, "model.layers", HF_NAMES, HF_TOP)
 
 
 def rope_of(settings: dict) -> tuple[str, dict]:
@@ -255,6 +266,97 @@ def config_from_hf(hf: dict) -> Gemma3Config:
     )
 
 
+# What llama.cpp assumes of every "gemma3" file rather than reading it: one full-attention layer after
+# every five sliding-window ones, the sliding layers' RoPE base, and queries scaled by head_dim**-0.5
+# (by (emb_dim / n_heads)**-0.5 in its 62-layer 27B, as Gemma 3 27B's query_pre_attn_scalar is).
+GGUF_PATTERN, GGUF_LOCAL_BASE = 6, 10000.0
+
+
+def gguf_layer_types(n_layers: int) -> list[str]:
+    return [FULL if (i + 1) % GGUF_PATTERN == 0 else SLIDING for i in range(n_layers)]
+
+
+def gguf_query_scalar(emb_dim: int, n_heads: int, n_layers: int, head_dim: int) -> int:
+    return emb_dim // n_heads if n_layers == 62 else head_dim
+
+
+def to_gguf(sd: dict[str, torch.Tensor], cfg: Gemma3Config) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """A "gemma3" GGUF as llama.cpp's converter writes it: its norms' weights stored as 1 + weight, the
+    scale they apply. A config llama.cpp would read as another model is refused."""
+    scalar = gguf_query_scalar(cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.head_dim)
+    differences = [
+        (cfg.layer_types != gguf_layer_types(cfg.n_layers), "layer_types other than 5 sliding-window then 1 full"),
+        (cfg.rope_local_base != GGUF_LOCAL_BASE, f"a sliding-window RoPE base of {cfg.rope_local_base:g}, not 10000"),
+        (cfg.query_pre_attn_scalar != scalar, f"query_pre_attn_scalar {cfg.query_pre_attn_scalar:g}, not {scalar}"),
+    ]
+    named = [text for differs, text in differences if differs]
+    if named:
+        raise LoraftError(f"llama.cpp would read this Gemma 3 as another model: it has {'; '.join(named)}")
+    tensors = {}
+    for name, tensor in sd.items():
+        if name == "out_head.weight" and cfg.tie_embeddings:
+            continue
+        theirs = renamed(name, "blk", GGUF_NAMES, GGUF_TOP)
+        tensors[theirs] = tensor.float() + 1 if theirs.endswith("norm.weight") else tensor
+    metadata = {
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "embedding_length": cfg.emb_dim,
+        "block_count": cfg.n_layers,
+        "feed_forward_length": cfg.hidden_dim,
+        "attention.head_count": cfg.n_heads,
+        "attention.head_count_kv": cfg.n_kv_heads,
+        "attention.key_length": cfg.head_dim,
+        "attention.value_length": cfg.head_dim,
+        "attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+        "attention.sliding_window": cfg.sliding_window,
+        "rope.freq_base": float(cfg.rope_base),
+    }
+    if cfg.rope_scaling:  # linear, of the full-attention layers (llama.cpp leaves the sliding ones unscaled)
+        metadata |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling["factor"])}
+    if cfg.final_logit_softcapping is not None:  # newer llama.cpp reads it, older builds assume none
+        metadata["final_logit_softcapping"] = float(cfg.final_logit_softcapping)
+    return "gemma3", metadata, tensors
+
+
+def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> Gemma3Config:
+    """Our config from what a "gemma3" GGUF says, and what llama.cpp assumes of it (see GGUF_PATTERN)."""
+    a = "gemma3."
+    n_layers, emb_dim, n_heads = meta[a + "block_count"], meta[a + "embedding_length"], meta[a + "attention.head_count"]
+    head_dim = meta.get(a + "attention.key_length", emb_dim // n_heads)
+    kind = meta.get(a + "rope.scaling.type", "none")
+    if kind not in ("none", "linear"):
+        raise LoraftError(f"this GGUF's RoPE scaling {kind!r} is not implemented in loraft (it reads linear)")
+    window = meta.get(a + "attention.sliding_window") or 0
+    context = meta[a + "context_length"]
+    return Gemma3Config(
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        context_length=context,
+        emb_dim=emb_dim,
+        n_heads=n_heads,
+        n_kv_heads=meta.get(a + "attention.head_count_kv", n_heads),
+        n_layers=n_layers,
+        hidden_dim=meta[a + "feed_forward_length"],
+        head_dim=head_dim,
+        query_pre_attn_scalar=gguf_query_scalar(emb_dim, n_heads, n_layers, head_dim),
+        sliding_window=window or context,
+        # without a window llama.cpp attends over everything in every layer
+        layer_types=gguf_layer_types(n_layers) if window else [FULL] * n_layers,
+        rope_base=meta.get(a + "rope.freq_base", 10000.0),
+        rope_scaling={"rope_type": "linear", "factor": meta[a + "rope.scaling.factor"]} if kind == "linear" else {},
+        rope_local_base=GGUF_LOCAL_BASE,
+        norm_eps=meta[a + "attention.layer_norm_rms_epsilon"],
+        tie_embeddings="output.weight" not in tensors,
+        final_logit_softcapping=meta.get(a + "final_logit_softcapping"),
+    )
+
+
+def from_gguf_tensors(tensors: dict[str, torch.Tensor], cfg: Gemma3Config) -> dict[str, torch.Tensor]:
+    """Our state dict from the dequantised tensors of a "gemma3" GGUF (its norms hold 1 + weight)."""
+    unshifted = {name: t - 1 if name.endswith("norm.weight") else t for name, t in tensors.items()}
+    return renamed_state(unshifted, cfg, "blk", GGUF_NAMES, GGUF_TOP)
+
+
 FAMILY = Family(
     name="gemma3_text",
     model=Gemma3,
@@ -267,4 +369,8 @@ FAMILY = Family(
     from_hf_state_dict=from_hf_state_dict,
     # as Llama's: RMSNorm, RoPE and GeGLU are chains of small kernels eager (not benchmarked for Gemma)
     compile_on_cpu=True,
+    gguf_architectures=("gemma3",),
+    config_from_gguf=config_from_gguf,
+    from_gguf_tensors=from_gguf_tensors,
+    to_gguf=to_gguf,
 )
