@@ -12,6 +12,7 @@ from . import __version__
 from .errors import LoraftError
 from .files import atomic_write, read_json, read_safetensors, write_json
 from .lora import (
+    LINEAR_LAYERS,
     VARIANTS,
     LoraConfig,
     LoRALinear,
@@ -187,7 +188,7 @@ def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], f
         except AttributeError:
             raise LoraftError(f"adapter {folder} targets {module_name}, which this model does not have") from None
         linear = module.base if isinstance(module, LoRALinear) else module
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, LINEAR_LAYERS):
             raise LoraftError(f"adapter {folder} targets {module_name}, which is not a linear layer in this model")
         for part, shape in VARIANTS[meta.get("variant", "lora")].shapes(linear, rank).items():
             tensor = tensors.get(f"{module_name}.{part}")

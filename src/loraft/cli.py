@@ -39,7 +39,7 @@ def cmd_generate(args):
         instruction = args.instruction or args.prompt
         if not instruction:
             raise LoraftError("give the instruction with --prompt or --instruction")
-        model, tokenizer, meta = load_instruct(args.adapter, args.weights)
+        model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize)
         sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         print_stream(
             tokenizer,
@@ -52,7 +52,7 @@ def cmd_generate(args):
         )
     if not args.prompt:
         raise LoraftError("give --prompt (or --adapter DIR with --instruction)")
-    model, tokenizer = load_model(args.model, args.weights)
+    model, tokenizer = load_model(args.model, args.weights, quantize=args.quantize)
     tokens = []
     for token in stream_tokens(
         model,
@@ -95,7 +95,7 @@ def cmd_chat(args):
 
     if args.max_new_tokens < 1:
         raise LoraftError("--max-new-tokens must be at least 1")
-    model, tokenizer, meta = load_instruct(args.adapter, args.weights)
+    model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize)
     print(
         f"{meta['base_model']} + {args.adapter} ({meta['template']} template). One instruction per line; an empty line or Ctrl-D ends."
     )
@@ -137,13 +137,17 @@ def train_options(args) -> dict:
     compile = args.compile
     if compile is None:
         compile = (
-            pick_device(args.device).type == "cpu" and compiler_found() and family_to_load(args.model).compile_on_cpu
+            pick_device(args.device).type == "cpu"
+            and compiler_found()
+            and family_to_load(args.model).compile_on_cpu
+            and args.quantize == "none"  # a quantized layer dequantizes in its own autograd function: eager
         )
     cfg = TrainConfig(
         **flags(args, "epochs", "batch_size", "lr", "weight_decay", "warmup", "schedule", "grad_accum", "clip"),
         **flags(args, "eval_every", "seed", "gradient_checkpointing", "device", "skip_nonfinite", "save_every"),
         bf16=not args.no_bf16,
         compile=compile,
+        quantize=args.quantize,
     )
     return dict(train=cfg, **flags(args, "out", "model", "weights", "resume", "overwrite", "quiet"))
 
@@ -196,6 +200,7 @@ def cmd_eval(args):
                 args.label_column,
                 args.split,
                 args.weights,
+                args.quantize,
                 args.data_from_uci,
             ),
             indent=2,
@@ -227,7 +232,7 @@ def cmd_classify(args):
         raise LoraftError("nothing to classify: give texts, --input FILE, or - for standard input")
     if any(not t.strip() for t in texts):
         raise LoraftError("a text to classify is empty")
-    model, tokenizer, meta = load_trained(args.adapter, "classification", args.weights)
+    model, tokenizer, meta = load_trained(args.adapter, "classification", args.weights, args.quantize)
     probs = predict_proba(model, tokenizer, texts, TextFormat.of_adapter(meta), autocast=uses_bf16(model))
     for text, p in zip(texts, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)
@@ -288,7 +293,7 @@ def cmd_serve(args):
         listener.bind((args.host, args.port))
     except OSError as e:
         raise LoraftError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    app = create_app(load_served(folders), Limits(), args.batch_window_ms, args.max_batch)
+    app = create_app(load_served(folders, args.quantize), Limits(), args.batch_window_ms, args.max_batch)
     host, port = listener.getsockname()[:2]
     print(
         f"loraft: serving {', '.join(folders)} on http://{host}:{port}/ (API docs at /docs)",
@@ -354,6 +359,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
+    add_quantize_flag(g, "run")
     g.set_defaults(run=cmd_generate)
 
     i = sub.add_parser("info", help="module tree and total/trainable/frozen parameter counts")
@@ -385,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="metrics of a classification adapter on a data split, as JSON")
     e.add_argument("--adapter", required=True)
     e.add_argument("--weights", help=WEIGHTS_HELP)
+    add_quantize_flag(e, "run")
     add_data_flags(e)
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.set_defaults(run=cmd_eval)
@@ -392,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify texts with an adapter: one JSON line per text")
     c.add_argument("--adapter", required=True)
     c.add_argument("--weights", help=WEIGHTS_HELP)
+    add_quantize_flag(c, "run")
     c.add_argument("--input", help="a UTF-8 file, one text per line")
     c.add_argument("texts", nargs="*", help="texts, or - to read standard input")
     c.set_defaults(run=cmd_classify)
@@ -436,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     h = sub.add_parser("chat", help="ask an instruction adapter, one instruction per line, in the terminal")
     h.add_argument("--adapter", required=True)
     h.add_argument("--weights", help=WEIGHTS_HELP)
+    add_quantize_flag(h, "run")
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.set_defaults(run=cmd_chat)
 
@@ -453,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(run=cmd_import_peft)
 
     s = sub.add_parser("serve", help="an HTTP API and a web page over one base model with several adapters")
+    add_quantize_flag(s, "serve over")
     s.add_argument(
         "--adapter",
         action="append",
@@ -494,10 +504,24 @@ def add_lora_flags(parser):
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
 
 
+def add_quantize_flag(parser, what: str):
+    from .quantize import MODES
+
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=MODES,
+        help=f"{what} the frozen base with its block layers in int8 (per-row absmax), nf4 (QLoRA's NormalFloat4, "
+        f"double-quantized scales) or, for a GGUF model, the file's own blocks; each dequantized in its layer "
+        f"only; default none",
+    )
+
+
 def add_train_flags(parser):
     from .train import SCHEDULES, TrainConfig
 
     d = TrainConfig()
+    add_quantize_flag(parser, "train over")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)

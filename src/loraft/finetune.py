@@ -160,6 +160,7 @@ def evaluate_adapter(
     label_column="label",
     split="test",
     weights=None,
+    quantize="none",
     data_from_uci=False,
 ) -> dict:
     """Metrics of a classification adapter on a split of `data` (the split it was trained with, when
@@ -181,7 +182,7 @@ def evaluate_adapter(
         parts = split_by_fractions(whole, (0.1, 0.2), meta.get("seed", 123))  # the split the run made
         dataset = ClassificationData(*parts, names)
     chosen = whole if split == "all" else getattr(dataset, split)
-    model, tokenizer, meta = load_trained(adapter_dir, "classification", weights)
+    model, tokenizer, meta = load_trained(adapter_dir, "classification", weights, quantize)
     return {
         "adapter": str(adapter_dir),
         "data": data,

@@ -279,6 +279,6 @@ def train_instruct(
     return report and {"model": model, "data": str(data), **report}
 
 
-def load_instruct(adapter_dir, weights=None):
+def load_instruct(adapter_dir, weights=None, quantize: str = "none"):
     """(model, tokenizer, adapter metadata) ready to answer, as the training job answered its test."""
-    return load_trained(adapter_dir, "instruction", weights)
+    return load_trained(adapter_dir, "instruction", weights, quantize)

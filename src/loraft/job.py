@@ -18,6 +18,7 @@ from .files import read_json, write_json
 from .models import load_model
 from .plots import plot_run
 from .precision import bf16_supported
+from .quantize import quantization_of
 from .run_folder import claimed
 from .train import Task, TrainConfig, Trainer, check_config, pick_device
 
@@ -57,22 +58,24 @@ def resolved_config(train: TrainConfig | None) -> TrainConfig:
 def ready_for_inference(model: nn.Module, bf16: bool):
     """The one rule for the weights a trained adapter runs with, in the job that measures it and in every
     command that uses it later: the base (every parameter but the adapters') in bf16 where bf16 runs,
-    then the active adapter merged into it."""
+    then the active adapter merged into it, unless the base is quantized (the adapter then runs beside it)."""
     if bf16:
         adapters = {id(p) for p in lora.adapter_parameters(model)}
         for param in model.parameters():
             if id(param) not in adapters:
                 param.data = param.data.to(torch.bfloat16)
-    lora.merge(model)
+    if quantization_of(model) == "none":
+        lora.merge(model)
 
 
-def load_trained(adapter_dir, task: str, weights=None):
-    """(model, tokenizer, adapter.json) of a trained adapter of `task`, ready for inference as its job was."""
+def load_trained(adapter_dir, task: str, weights=None, quantize: str = "none"):
+    """(model, tokenizer, adapter.json) of a trained adapter of `task`, ready for inference as its job was;
+    `quantize`: its base's block layers in int8 or nf4, whatever base it was trained over."""
     meta, _ = read_adapter(adapter_dir)
     if meta.get("task") != task:
         raise LoraftError(f"{adapter_dir} is not a {task} adapter (task {meta.get('task')!r})")
     bf16 = bf16_supported()
-    model, tokenizer = load_model(meta["base_model"], weights, torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = load_model(meta["base_model"], weights, torch.bfloat16 if bf16 else torch.float32, quantize)
     load_adapter(model, adapter_dir)
     ready_for_inference(model, bf16)
     return model, tokenizer, meta
@@ -93,6 +96,11 @@ def run_job(
     """Fine-tune `model` for `task`; write the adapter, config, metrics, report and plots to `out`.
     `options`: the job's arguments, recorded in config.json (a resumed run must repeat them)."""
     cfg = resolved_config(train)
+    if cfg.quantize != "none" and not task.casts_base():
+        raise LoraftError(
+            f"--quantize {cfg.quantize} keeps the base frozen in {cfg.quantize}, and this --method trains base "
+            f"weights, which quantized weights cannot be: use --method lora or head, or --quantize none"
+        )
     out = Path(out)
     config = json.loads(json.dumps({**options, "train": asdict(cfg)}, default=str))
     with claimed(out, config, resume, overwrite) as main:
@@ -101,12 +109,12 @@ def run_job(
         # A base that trains frozen in bf16 is read straight into bf16: loading it in fp32 first
         # triples the memory of loading (benchmarks/load_memory.py). LoRA and new heads are fp32.
         bf16_base = cfg.bf16 and task.casts_base()
-        base, tokenizer = load_model(model, weights, torch.bfloat16 if bf16_base else torch.float32)
+        base, tokenizer = load_model(model, weights, torch.bfloat16 if bf16_base else torch.float32, cfg.quantize)
         task.check(base, tokenizer)
         torch.manual_seed(cfg.seed)  # the LoRA A matrices (and a new head) start from it
         task.prepare(base, lora_config)
         base.to(cfg.device)
-        adapter_meta = task.adapter_meta(cfg)
+        adapter_meta = task.adapter_meta(cfg) | ({"base_quantized": cfg.quantize} if cfg.quantize != "none" else {})
         out.mkdir(parents=True, exist_ok=True)
         if main:
             write_json(out / "config.json", config)

@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 from .errors import LoraftError
+from .quantize import QuantizedLinear, QuantizedWeight, dense_weight
+
+# The frozen layers a LoRA wraps: a linear layer, or one whose weight is quantized (QLoRA)
+LINEAR_LAYERS = (nn.Linear, QuantizedLinear)
 
 SCALINGS = {
     "book": lambda alpha, rank: alpha,  # the book's appendix E
@@ -207,7 +211,8 @@ class LoRAProduct(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             lora_x = x2 if dropped is None else dropped.reshape(x2.shape).to(dtype)
-            weights = [W.to(dtype) for W in weights]
+            quantized = [W if isinstance(W, QuantizedWeight) else None for W in weights]
+            weights = [dense_weight(W, dtype) for W in weights]
             Bs = [B.to(dtype) for B in Bs]
             scaled_A = concat([(A * scale).to(dtype) for A, scale in zip(As, scales)])
             ax = lora_x @ scaled_A.t()
@@ -216,8 +221,9 @@ class LoRAProduct(torch.autograd.Function):
             for W, b, B, ax_part in zip(weights, biases, Bs, ax_parts):
                 out = x2 @ W.t() if b is None else torch.addmm(b.to(dtype), x2, W.t())
                 outs.append(out.addmm_(ax_part, B.t()).view(*x.shape[:-1], -1))
-        ctx.save_for_backward(lora_x, scaled_A, ax, *weights, *Bs)
-        ctx.scales, ctx.x_dtype, ctx.has_dropout = scales, x.dtype, dropped is not None
+        # a quantized W is dequantized again in backward rather than kept
+        ctx.save_for_backward(lora_x, scaled_A, ax, *[None if q else W for q, W in zip(quantized, weights)], *Bs)
+        ctx.scales, ctx.x_dtype, ctx.has_dropout, ctx.quantized = scales, x.dtype, dropped is not None, quantized
         return tuple(outs)
 
     @staticmethod
@@ -233,6 +239,7 @@ class LoRAProduct(torch.autograd.Function):
             grad_As = [(part * scale).float() for part, scale in zip((grad_ax.t() @ lora_x).split(ranks), ctx.scales)]
             grad_x = grad_dropped = None
             if ctx.needs_input_grad[0]:  # not for the first block: the frozen embedding needs no gradient
+                weights = [W if q is None else q.dequantize(lora_x.dtype) for q, W in zip(ctx.quantized, weights)]
                 grad_x = grads[0] @ weights[0]
                 for g, W in zip(grads[1:], weights[1:]):
                     grad_x.addmm_(g, W)
@@ -321,7 +328,7 @@ def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, LoRALinear)) and not name.endswith(".base")
+        if isinstance(module, (*LINEAR_LAYERS, LoRALinear)) and not name.endswith(".base")
     }
     for target in targets:
         target_patterns = [p for name in TARGET_ALIASES.get(target, [target]) for p in groups.get(name, [name])]
@@ -456,6 +463,11 @@ def merge(model: nn.Module, name: str | None = None):
         raise LoraftError(f"adapter {state.merged!r} is already merged")
     set_active(model, name)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and name in m.variant]
+    if any(isinstance(m.base, QuantizedLinear) for m in layers):
+        raise LoraftError(
+            f"the base model is quantized ({layers[0].base.mode}): an adapter cannot be merged into it; "
+            f"load the adapter without --quantize to merge it into the full-precision weights"
+        )
     for module in layers:  # every layer checked before any W changes, as PEFT's safe_merge does
         if not torch.isfinite(module.merged_weight(name)).all():
             raise LoraftError(

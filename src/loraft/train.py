@@ -32,6 +32,7 @@ from .errors import LoraftError
 from .files import atomic_write, json_safe
 from .models import model_device
 from .precision import bf16_autocast
+from .quantize import MODES as QUANTIZE_MODES
 from .run_folder import changed_settings
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -55,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:N; auto: a CUDA GPU when PyTorch finds one, else the CPU
     save_every: int = 0  # optimizer steps between checkpoints besides those at each evaluation (0: none)
     skip_nonfinite: int = 0  # optimizer steps with a NaN or infinite loss or gradient skipped before the run stops
+    quantize: str = "none"  # the frozen base's block linear layers in int8 or nf4 (QLoRA; quantize.py)
 
 
 @dataclass
@@ -134,6 +136,8 @@ def check_config(cfg: TrainConfig):
         raise LoraftError("--lr must be positive")
     if cfg.weight_decay < 0 or cfg.clip < 0 or not 0 <= cfg.warmup < 1:
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
+    if cfg.quantize not in QUANTIZE_MODES:
+        raise LoraftError(f"unknown --quantize {cfg.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     if cfg.compile and not compiler_found():
         raise LoraftError(
             "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile"

@@ -16,6 +16,7 @@ import torch
 
 from .errors import LoraftError
 from .files import cache_dir, read_json, read_safetensors, sha256_of
+from .quantize import QuantizedWeight
 
 # ---------------------------------------------------------------- Hugging Face checkpoints (safetensors)
 
@@ -179,14 +180,27 @@ def read_gguf_metadata(path: Path) -> dict:
     return gguf_metadata(gguf_reader(path))
 
 
-def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata (plus the list of tensor names) and every tensor dequantised to `dtype` (vectors to fp32)."""
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def read_gguf(path: Path, dtype=torch.float32, keep_blocks: bool = False) -> tuple[dict, dict, list]:
+    """Metadata (plus the list of tensor names), every tensor dequantised to `dtype` (vectors to fp32),
+    and, with `keep_blocks`, the quantized matrices of the transformer blocks left in the file's blocks:
+    such a tensor is then given as the column of its rows' numbers (float64, numbered across all kept
+    tensors), for the family to lay out as it lays out weights, and `blocks` holds, per kept tensor,
+    (first row number, its rows' raw bytes (uint8, rows x bytes), its type's name, its columns)."""
     from gguf.quants import dequantize
 
     reader = gguf_reader(path)
     meta = gguf_metadata(reader)
-    tensors = {}
+    tensors, blocks, numbered = {}, [], 0
     for t in reader.tensors:
+        if keep_blocks and t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES:
+            rows = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+            blocks.append((numbered, rows, t.tensor_type.name, int(t.shape[0])))
+            tensors[t.name] = torch.arange(numbered, numbered + len(rows), dtype=torch.float64)[:, None]
+            numbered += len(rows)
+            continue
         try:
             values = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -197,17 +211,20 @@ def read_gguf(path: Path, dtype=torch.float32) -> tuple[dict, dict[str, torch.Te
         # vectors (norms, biases) stay fp32 for the family to read (Gemma's norms are stored as 1 + weight);
         # loading the model casts them
         tensors[t.name] = tensor if tensor.dim() == 1 else tensor.to(dtype)
-    return meta, tensors
+    return meta, tensors, blocks
 
 
 def weights_fingerprint(named_parameters) -> str:
     """A short hash identifying pretrained weights: a strided sample of every tensor, rounded to
-    bf16 so the same weights loaded in fp32 or bf16 agree. The output head is left out: tasks replace it."""
+    bf16 so the same weights loaded in fp32 or bf16 (or kept quantized: dequantized one at a time) agree.
+    The output head is left out: tasks replace it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(named_parameters):
+    for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
         if name.startswith("out_head"):
             continue
-        flat = tensor.detach().reshape(-1)
+        flat = (tensor.dequantize(torch.float32) if isinstance(tensor, QuantizedWeight) else tensor.detach()).reshape(
+            -1
+        )
         sample = flat[:: max(1, flat.numel() // 256)].to(torch.bfloat16).cpu()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())

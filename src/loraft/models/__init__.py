@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import weights
+from .. import lora, weights
 from ..errors import LoraftError
 from ..files import read_json
+from ..quantize import GGUFWeight, QuantizedLinear, named_weights, quantize_model
 from ..tokenizer import BPETokenizer
 from . import gemma3, gpt2, llama, phi3
 from .family import Family
@@ -175,33 +176,50 @@ def resolve(name_or_path: str) -> ModelInfo | Path:
     )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, weights_path: str | None = None, dtype=torch.float32):
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, weights_path: str | None = None, dtype=torch.float32, quantize="none"
+):
     """(model, tokenizer) for a known name, a GGUF file, a model folder or a hub id, with pretrained
-    weights, in eval mode. `weights_path`: a local copy of a known hub model's files.
+    weights, in eval mode. `weights_path`: a local copy of a known hub model's files. `quantize`: the
+    block layers' weights in int8 or nf4, or (a GGUF) left in the file's own blocks (quantize.py).
 
     `model.name` records what was given (adapters remember their base by it)."""
     target = resolve(name_or_path)
     if weights_path and not (isinstance(target, ModelInfo) and target.hub_repo):
         raise LoraftError(f"--weights replaces the download of a known hub model; {name_or_path} has none to replace")
-    if isinstance(target, Path) and target.suffix == ".gguf":
-        model, tokenizer = load_gguf(target, dtype)
+    gguf = target if isinstance(target, Path) and target.suffix == ".gguf" else None
+    if isinstance(target, ModelInfo) and target.hub_repo is None:  # shipped as a GGUF
+        gguf = weights.smollm2_gguf()
+    if quantize == "gguf" and gguf is None:
+        raise LoraftError(
+            f"--quantize gguf trains over a GGUF file's own quantized blocks, and {name_or_path} is not a GGUF "
+            f"model; use --quantize nf4 or int8"
+        )
+    if gguf is not None:
+        model, tokenizer = load_gguf(gguf, dtype, keep_blocks=quantize == "gguf")
     elif isinstance(target, Path):
         model, tokenizer = load_hf_checkpoint(target, dtype), hf_tokenizer(target)
-    elif target.hub_repo is None:  # shipped as a GGUF
-        model, tokenizer = load_gguf(weights.smollm2_gguf(), dtype)
     else:
         path = Path(weights_path) if weights_path else weights.hub_folder(target.hub_repo)
         model = load_hf_checkpoint(path, dtype, target)
         tokenizer = hf_tokenizer(path if path.is_dir() else path.parent)
     model.name = name_or_path
-    model.fingerprint = weights.weights_fingerprint(model.named_parameters())
+    model.fingerprint = weights.weights_fingerprint(named_weights(model))  # of the weights before quantizing
+    quantize_model(model, quantize)
     return model.eval(), tokenizer
 
 
-def build_with(family: Family, config, state: dict[str, torch.Tensor], source: str, dtype=torch.float32) -> nn.Module:
-    """`family`'s model of `config` holding `state` (our names), tied weights tied again."""
+def build_with(
+    family: Family, config, state: dict[str, torch.Tensor], source: str, dtype=torch.float32, quantized=None
+) -> nn.Module:
+    """`family`'s model of `config` holding `state` (our names), tied weights tied again; `quantized`:
+    weights (by name) whose linear layers become QuantizedLinear layers."""
     with torch.device("meta"):
         model = family.model(config)
+    for name, weight in (quantized or {}).items():
+        module = name.removesuffix(".weight")
+        bias = torch.empty(weight.shape[0], device="meta") if f"{module}.bias" in state else None
+        lora.replace_module(model, module, QuantizedLinear(weight, bias, "gguf"))
     try:
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     except RuntimeError as e:
@@ -211,13 +229,23 @@ def build_with(family: Family, config, state: dict[str, torch.Tensor], source: s
     return model
 
 
-def load_gguf(path: Path, dtype) -> tuple[nn.Module, BPETokenizer]:
-    meta, tensors = weights.read_gguf(path, dtype)
+def load_gguf(path: Path, dtype, keep_blocks: bool = False) -> tuple[nn.Module, BPETokenizer]:
+    """The model in a GGUF file; `keep_blocks`: its block layers' quantized weights stay in the file's blocks."""
+    meta, tensors, blocks = weights.read_gguf(path, dtype, keep_blocks)
     family = family_named(meta.get("general.architecture"), str(path), gguf=True)
     if family.from_gguf_tensors is None:
         raise LoraftError(f"{path}: loraft reads {family.name} models from Hugging Face checkpoints, not GGUF")
     config = family.config_from_gguf(meta, tensors)
-    model = build_with(family, config, family.from_gguf_tensors(tensors, config), str(path), dtype)
+    state = family.from_gguf_tensors(tensors, config)
+    # the family laid out kept tensors' row numbers as it lays out weights: take those rows' blocks
+    quantized = {}
+    for name in [name for name, tensor in state.items() if tensor.dtype == torch.float64]:
+        numbers = state.pop(name)[:, 0].long()
+        first, rows, kind, columns = next(b for b in reversed(blocks) if b[0] <= numbers[0])
+        quantized[name] = GGUFWeight(rows[numbers - first], kind, (len(numbers), columns))
+    model = build_with(family, config, state, str(path), dtype, quantized)
+    if quantized:
+        model.quantized = "gguf"
     return model, BPETokenizer.from_gguf(meta)
 
 

@@ -88,11 +88,11 @@ def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
     return adapters
 
 
-def load_served(folders: dict[str, Path]) -> Served:
+def load_served(folders: dict[str, Path], quantize: str = "none") -> Served:
     adapters = check_adapters(folders)
     bf16 = bf16_supported()  # the base in bf16 halves memory traffic; the adapters, loaded after, stay fp32
     base_model = next(iter(adapters.values())).meta["base_model"]
-    model, tokenizer = load_model(base_model, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = load_model(base_model, dtype=torch.bfloat16 if bf16 else torch.float32, quantize=quantize)
     model.requires_grad_(False)
     for adapter in adapters.values():
         load_adapter(model, adapter.folder, adapter.name)  # checks the base's fingerprint

@@ -1,0 +1,223 @@
+"""A frozen base in fewer bits (QLoRA): each linear layer of the transformer blocks keeps its weight
+quantized and dequantizes it inside its own forward and backward only, so no full-precision copy of
+the model exists; the LoRA matrices and new heads stay fp32 and are all that trains.
+
+- int8: one absmax scale per output row, W ~ scale * q with q in [-127, 127];
+- nf4: QLoRA's NormalFloat4 (Dettmers et al. 2023) as bitsandbytes and torchao store it: blocks of 64
+  weights, each normed by its absmax onto the 16 NF4 levels (two codes a byte, the first in the high
+  nibble), and the absmaxes double-quantized as torchao does: their mean subtracted, then int8 in
+  blocks of 256 with one fp32 factor each;
+- gguf: a GGUF file's own blocks, as llama.cpp stores them (models/__init__.py reads them without
+  expanding them); Q4_0, Q4_1 and Q8_0 dequantize here in PyTorch, other types through the `gguf` package.
+"""
+
+import torch
+from torch import nn
+
+from .errors import LoraftError
+
+MODES = ("none", "int8", "nf4", "gguf")
+
+# The 16 NF4 levels: quantiles of a standard normal scaled to [-1, 1], with an exact zero (the QLoRA
+# paper's appendix E and bitsandbytes' table).
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+NF4_BLOCK, SCALER_BLOCK = 64, 256
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen weight matrix held quantized in buffers; `dequantize` rebuilds it for one use."""
+
+    requires_grad = False
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shape = torch.Size(shape)
+
+    def keep(self, name: str, tensor: torch.Tensor):
+        """Hold `tensor` as a buffer outside the state dict: the base's weights are the checkpoint's, not ours."""
+        self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class Int8Weight(QuantizedWeight):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape)
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.keep("values", torch.round(w / scale[:, None]).to(torch.int8))
+        self.keep("scale", scale)
+
+    def dequantize(self, dtype):
+        return (self.values.float() * self.scale[:, None]).to(dtype)
+
+
+class NF4Weight(QuantizedWeight):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape)
+        blocks = weight.detach().float().reshape(-1, NF4_BLOCK)
+        absmax = blocks.abs().amax(dim=1)
+        normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+        midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+        codes = torch.bucketize(normed, midpoints.to(normed.device)).to(torch.uint8)  # the nearest level
+        self.keep("codes", (codes[:, 0::2] << 4) | codes[:, 1::2])
+        # double quantization of the absmaxes: int8 per 256, around their mean
+        self.keep("absmax_mean", absmax.mean())
+        centered = absmax - self.absmax_mean
+        padded = nn.functional.pad(centered, (0, -len(centered) % SCALER_BLOCK)).reshape(-1, SCALER_BLOCK)
+        factor = 128 / padded.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        quantized = torch.round(padded * factor[:, None]).clamp(-128, 127).to(torch.int8)
+        self.keep("absmax_codes", quantized.flatten()[: len(absmax)])
+        self.keep("absmax_factor", factor)
+
+    def absmax(self) -> torch.Tensor:
+        factor = self.absmax_factor.repeat_interleave(SCALER_BLOCK)[: len(self.absmax_codes)]
+        return self.absmax_codes.float() / factor + self.absmax_mean
+
+    def dequantize(self, dtype):
+        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
+        values = NF4_LEVELS.to(self.codes.device)[codes] * self.absmax()[:, None]
+        return values.reshape(self.shape).to(dtype)
+
+
+def fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 number at byte `start` of each block, as fp32 (blocks, 1)."""
+    return blocks[..., start : start + 2].contiguous().view(torch.float16).float()
+
+
+def four_bit_codes(quants: torch.Tensor) -> torch.Tensor:
+    """A block's 32 four-bit codes: ggml keeps weight j in the low nibble of byte j, weight j + 16 in its
+    high nibble."""
+    return torch.cat([quants & 15, quants >> 4], dim=-1).float()
+
+
+# ggml's 32-weight blocks: bytes per block, and its values from the (rows, blocks, bytes) raw bytes
+GGML_BLOCKS = {
+    "Q4_0": (18, lambda b: fp16_field(b, 0) * (four_bit_codes(b[..., 2:]) - 8)),
+    "Q4_1": (20, lambda b: fp16_field(b, 0) * four_bit_codes(b[..., 4:]) + fp16_field(b, 2)),
+    "Q8_0": (34, lambda b: fp16_field(b, 0) * b[..., 2:].contiguous().view(torch.int8).float()),
+}
+
+
+class GGUFWeight(QuantizedWeight):
+    """A weight as a GGUF file stores it: each row its own bytes in the file's quantization type."""
+
+    def __init__(self, rows: torch.Tensor, kind: str, shape):
+        super().__init__(shape)
+        self.keep("rows", rows)  # (out_features, bytes per row), uint8
+        self.kind = kind
+
+    def dequantize(self, dtype):
+        if self.kind in GGML_BLOCKS:
+            block_bytes, values = GGML_BLOCKS[self.kind]
+            return values(self.rows.view(self.shape[0], -1, block_bytes)).reshape(self.shape).to(dtype)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        dense = dequantize(self.rows.cpu().numpy(), GGMLQuantizationType[self.kind])
+        return torch.from_numpy(dense).to(self.rows.device, dtype)
+
+
+WEIGHTS = {"int8": Int8Weight, "nf4": NF4Weight}
+
+
+class DequantizedMatmul(torch.autograd.Function):
+    """x W^T + b for a quantized frozen W: W is dequantized in forward and again in backward, for the
+    input's gradient, and never kept between them."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, bias):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            out = nn.functional.linear(x.to(dtype), weight.dequantize(dtype), None if bias is None else bias.to(dtype))
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            return (grad @ ctx.weight.dequantize(grad.dtype)).to(ctx.x_dtype), None, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is a QuantizedWeight (its bias, if any, stays as it was)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, mode: str):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.mode = mode
+
+    @classmethod
+    def of(cls, linear: nn.Linear, mode: str) -> "QuantizedLinear":
+        return cls(WEIGHTS[mode](linear.weight), linear.bias, mode)
+
+    def forward(self, x):
+        return DequantizedMatmul.apply(x, self.weight, self.bias)
+
+
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's weight as a tensor of `dtype`: quantized ones dequantized, others cast."""
+    return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
+
+
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Quantize the linear layers of `model`'s transformer blocks in place (embeddings, final norm and
+    output head stay as they are, as QLoRA leaves them); returns how many were quantized."""
+    if mode not in MODES:
+        raise LoraftError(f"unknown --quantize {mode!r}; choose one of {', '.join(MODES)}")
+    if mode in ("none", "gguf"):  # a GGUF's blocks are kept as the file is read (models.load_model)
+        return 0
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.startswith("trf_blocks.") and isinstance(module, nn.Linear)
+    ]
+    for name, module in chosen:
+        if mode == "nf4" and module.weight.numel() % NF4_BLOCK:
+            raise LoraftError(f"{name}: {module.weight.numel()} weights do not fill nf4 blocks of {NF4_BLOCK}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear.of(module, mode))
+    model.quantized = mode
+    return len(chosen)
+
+
+def quantization_of(model: nn.Module) -> str:
+    return getattr(model, "quantized", "none")
+
+
+def named_weights(model: nn.Module) -> list:
+    """(name, tensor or QuantizedWeight) of every weight: the parameters and the quantized weights."""
+    quantized = [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    return [*model.named_parameters(), *quantized]
