@@ -214,3 +214,15 @@ def test_a_hand_edited_adapter_json_fails_with_the_key_and_the_file(tmp_path, ed
     with pytest.raises(LoraftError) as error:
         read_adapter(tmp_path)
     assert str(error.value).startswith(f"{tmp_path / 'adapter.json'}: ") and message in str(error.value)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_its_old_value():
+    from loraft.run_folder import changed_settings
+
+    older = {"model": "smollm2-135m", "train": {"lr": 0.001, "epochs": 3}}
+    assert (
+        changed_settings(older, {"model": "smollm2-135m", "train": {"lr": 0.001, "epochs": 3, "quantize": "none"}})
+        == {}
+    )
+    changed = changed_settings(older, {"model": "smollm2-135m", "train": {"lr": 0.001, "epochs": 3, "quantize": "nf4"}})
+    assert list(changed) == ["train"]

@@ -46,6 +46,7 @@ class TextFormat:
     template: str = "{text}"  # e.g. "{text}<|im_end|>": a fixed last token to pool at
     max_length: int = 128  # tokens; the text is truncated, the template's own tokens are kept
     pooling: str = "last"
+    bos: bool = True  # start with the tokenizer's BOS, if it has one (adapters from before BOS were used: no)
 
     def __post_init__(self):
         if self.template.count("{text}") != 1:
@@ -55,7 +56,13 @@ class TextFormat:
 
     def encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
         prefix, suffix = self.template.split("{text}")
-        before = tokenizer.bos_prefix + (tokenizer.encode(prefix) if prefix else [])
+        start = tokenizer.bos_prefix if self.bos else []
+        if start and self.pooling == "first":
+            raise LoraftError(
+                "--pooling first would pool at the BOS token this tokenizer puts first, the same for every text; "
+                "use last or mean"
+            )
+        before = start + (tokenizer.encode(prefix) if prefix else [])
         after = tokenizer.encode(suffix) if suffix else []
         room = self.max_length - len(before) - len(after)
         if room < 1:
@@ -65,10 +72,10 @@ class TextFormat:
     @classmethod
     def of_adapter(cls, meta: dict) -> "TextFormat":
         """The format an adapter was trained with, from its adapter.json."""
-        return cls(meta.get("template", "{text}"), meta["max_length"], meta["pooling"])
+        return cls(meta.get("template", "{text}"), meta["max_length"], meta["pooling"], meta.get("bos", False))
 
     def as_dict(self) -> dict:
-        return {"template": self.template, "max_length": self.max_length, "pooling": self.pooling}
+        return {"template": self.template, "max_length": self.max_length, "pooling": self.pooling, "bos": self.bos}
 
 
 def classify_logits(model: nn.Module, batch: Batch, pooling: str = "last") -> torch.Tensor:

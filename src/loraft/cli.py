@@ -140,7 +140,7 @@ def train_options(args) -> dict:
             pick_device(args.device).type == "cpu"
             and compiler_found()
             and family_to_load(args.model).compile_on_cpu
-            and args.quantize == "none"  # a quantized layer dequantizes in its own autograd function: eager
+            and args.quantize == "none"  # compiled, autograd would keep each dequantized weight for backward
         )
     cfg = TrainConfig(
         **flags(args, "epochs", "batch_size", "lr", "weight_decay", "warmup", "schedule", "grad_accum", "clip"),

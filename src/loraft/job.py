@@ -114,7 +114,8 @@ def run_job(
         torch.manual_seed(cfg.seed)  # the LoRA A matrices (and a new head) start from it
         task.prepare(base, lora_config)
         base.to(cfg.device)
-        adapter_meta = task.adapter_meta(cfg) | ({"base_quantized": cfg.quantize} if cfg.quantize != "none" else {})
+        quantized = quantization_of(base)
+        adapter_meta = task.adapter_meta(cfg) | ({"base_quantized": quantized} if quantized != "none" else {})
         out.mkdir(parents=True, exist_ok=True)
         if main:
             write_json(out / "config.json", config)

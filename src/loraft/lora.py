@@ -461,13 +461,13 @@ def merge(model: nn.Module, name: str | None = None):
     name = name or state.active
     if state.merged is not None:
         raise LoraftError(f"adapter {state.merged!r} is already merged")
-    set_active(model, name)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and name in m.variant]
     if any(isinstance(m.base, QuantizedLinear) for m in layers):
         raise LoraftError(
             f"the base model is quantized ({layers[0].base.mode}): an adapter cannot be merged into it; "
             f"load the adapter without --quantize to merge it into the full-precision weights"
         )
+    set_active(model, name)
     for module in layers:  # every layer checked before any W changes, as PEFT's safe_merge does
         if not torch.isfinite(module.merged_weight(name)).all():
             raise LoraftError(
@@ -492,7 +492,9 @@ def unmerge(model: nn.Module):
 
 
 def parameter_summary(model: nn.Module) -> dict[str, int]:
+    """Parameter counts, a quantized base's weights included."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    quantized = sum(m.weight.shape.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    total = sum(p.numel() for p in params) + quantized
     return {"total": total, "trainable": trainable, "frozen": total - trainable}

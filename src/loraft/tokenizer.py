@@ -375,8 +375,12 @@ def start_with(tok: HFTokenizer, token: str, token_id: int):
 
 def ids_before_text(tok: HFTokenizer) -> list[int]:
     """The ids `tok`'s post-processor puts before a text (a BOS, for Llama 3 and Gemma), as in transformers."""
-    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
-    return next(full[:i] for i in range(len(full)) if full[i : i + len(plain)] == plain)
+    probe = "Hello world"
+    plain, full = tok.encode(probe, add_special_tokens=False).ids, tok.encode(probe).ids
+    starts = [i for i in range(len(full) - len(plain) + 1) if plain and full[i : i + len(plain)] == plain]
+    if not starts:
+        raise LoraftError("the tokenizer's post-processor changes a text's own tokens, which loraft does not follow")
+    return full[: starts[0]]
 
 
 def pre_tokenizer_name(pre_tokenizer: dict) -> str:

@@ -138,6 +138,8 @@ def check_config(cfg: TrainConfig):
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
     if cfg.quantize not in QUANTIZE_MODES:
         raise LoraftError(f"unknown --quantize {cfg.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    if cfg.compile and cfg.quantize != "none":  # compiled, autograd would keep each dequantized weight for backward
+        raise LoraftError("--compile and --quantize do not go together (compiling keeps dequantized weights); drop one")
     if cfg.compile and not compiler_found():
         raise LoraftError(
             "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile"
@@ -255,7 +257,8 @@ class Trainer:
         self.is_main, self.world = distributed.is_main(), distributed.world_size()
         self.task_loss = TaskLoss(model, task)
         if self.world > 1:  # synchronises the parameters that require a gradient, and only those
-            self.task_loss = DistributedDataParallel(self.task_loss)
+            # buffers (RoPE tables, a quantized base) are the same everywhere from loading: never broadcast
+            self.task_loss = DistributedDataParallel(self.task_loss, broadcast_buffers=False)
         # fused: one kernel updates every tensor. On a CPU PyTorch's default is a Python loop over the
         # tensors, and LoRA trains hundreds of small ones.
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)

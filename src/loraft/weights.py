@@ -16,7 +16,6 @@ import torch
 
 from .errors import LoraftError
 from .files import cache_dir, read_json, read_safetensors, sha256_of
-from .quantize import QuantizedWeight
 
 # ---------------------------------------------------------------- Hugging Face checkpoints (safetensors)
 
@@ -196,6 +195,12 @@ def read_gguf(path: Path, dtype=torch.float32, keep_blocks: bool = False) -> tup
     tensors, blocks, numbered = {}, [], 0
     for t in reader.tensors:
         if keep_blocks and t.name.startswith("blk.") and len(t.shape) == 2 and t.tensor_type.name not in FLOAT_TYPES:
+            try:  # a type the layer could not dequantize is refused now, not at its first use
+                dequantize(t.data[:1], t.tensor_type)
+            except NotImplementedError:
+                raise LoraftError(
+                    f"{path}: tensor {t.name} uses {t.tensor_type.name}, which loraft cannot dequantise"
+                ) from None
             rows = torch.from_numpy(np.array(t.data, dtype=np.uint8))
             blocks.append((numbered, rows, t.tensor_type.name, int(t.shape[0])))
             tensors[t.name] = torch.arange(numbered, numbered + len(rows), dtype=torch.float64)[:, None]
@@ -222,9 +227,8 @@ def weights_fingerprint(named_parameters) -> str:
     for name, tensor in sorted(named_parameters, key=lambda item: item[0]):
         if name.startswith("out_head"):
             continue
-        flat = (tensor.dequantize(torch.float32) if isinstance(tensor, QuantizedWeight) else tensor.detach()).reshape(
-            -1
-        )
+        # a quantized weight (quantize.py) is dequantized for its sample
+        flat = (tensor.detach() if isinstance(tensor, torch.Tensor) else tensor.dequantize(torch.float32)).reshape(-1)
         sample = flat[:: max(1, flat.numel() // 256)].to(torch.bfloat16).cpu()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(sample.view(torch.int16).numpy().tobytes())

@@ -89,3 +89,19 @@ def test_a_template_that_refuses_or_cannot_end_an_answer_is_one_clear_error(tmp_
     ours.chat_template = "{% for m in messages %}"
     with pytest.raises(LoraftError, match="is not valid jinja2"):
         format_prompt(ours, "x", "", "chat")
+
+
+def test_transformers_template_helpers_render_alike(tmp_path, sms_texts):
+    """{% generation %} (transformers' assistant-token marks), tojson's arguments, pad_token; a template's
+    own Python error is one clear line."""
+    ours, theirs = chat_folder(tmp_path, sms_texts, PHI4_LIKE, CASES["phi4"][1])
+    ours.chat_template = (
+        "{{ messages | tojson(indent=2, sort_keys=True) }}{% for m in messages %}{% generation %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endgeneration %}{% endfor %}{{ pad_token }}"
+    )
+    question = [{"role": "user", "content": "Ünïcode?"}]
+    theirs.chat_template = ours.chat_template
+    assert render_chat(ours, question, False) == theirs.apply_chat_template(question, tokenize=False)
+    ours.chat_template = "{{ messages | tojson(nonsense=1) }}"
+    with pytest.raises(LoraftError, match="failed to render .TypeError"):
+        render_chat(ours, question, False)

@@ -214,6 +214,12 @@ def test_each_sequence_starts_as_transformers_starts_a_text(tmp_path, layout, sm
     from_gguf = BPETokenizer.from_gguf(ours.gguf_metadata(ours.vocab_size))
     assert from_gguf.bos_prefix == ours.bos_prefix
     assert TextFormat(max_length=512).encode(ours, sms_texts[:50]) == expected[:50]
+    # an adapter from before BOS was used keeps running without it; pooling at a BOS is refused
+    old = TextFormat.of_adapter({"max_length": 512, "pooling": "last"})
+    assert old.encode(ours, sms_texts[:50]) == ours.encode_batch(sms_texts[:50])
+    if ours.bos_prefix:
+        with pytest.raises(LoraftError, match="--pooling first would pool at the BOS token"):
+            TextFormat(pooling="first").encode(ours, sms_texts[:1])
 
 
 def test_gpt_4o_splits_text_as_tiktokens_o200k_base(monkeypatch):

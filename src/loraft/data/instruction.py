@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import LoraftError
 from ..files import cache_dir, checked_file, data_dir, download_checked
@@ -150,10 +153,9 @@ def format_prompt(tokenizer, instruction: str, input: str, template: str) -> str
         if input:
             text += f"\n\n### Input:\n{input}"
         return text + "\n\n### Response:\n"
-    if template == "chat":
-        user = f"{instruction}\n\n{input}" if input else instruction
-        return render_chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
-    raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    check_template(template)
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return render_chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
 
 
 def check_template(template: str):
@@ -161,18 +163,32 @@ def check_template(template: str):
         raise LoraftError(f"unknown template {template!r}; choose one of {TEMPLATES}")
 
 
+class AnswerMarks(Extension):
+    """transformers' {% generation %} ... {% endgeneration %}, which marks the assistant's tokens for its
+    return_assistant_tokens_mask: here the body is rendered as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 @functools.lru_cache(maxsize=8)
 def compiled_chat_template(source: str):
     """A chat template compiled as transformers' apply_chat_template compiles it (sandboxed, blocks
     trimmed, loop controls, its raise_exception and strftime_now helpers), so both render alike."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise LoraftError(f"the model's chat template refuses the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    extensions = ["jinja2.ext.loopcontrols", AnswerMarks]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env.filters["tojson"] = tojson
     env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
     try:
         return env.from_string(source)
@@ -184,20 +200,23 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
     """`messages` in the model's chat template, with the variables transformers gives it."""
     if not tokenizer.chat_template:
         raise LoraftError("the model's tokenizer has no chat template; use --template alpaca")
-    from jinja2 import TemplateError
-
-    bos = getattr(tokenizer, "bos_id", None)
+    special = {
+        "bos_token": getattr(tokenizer, "bos_id", None),
+        "eos_token": tokenizer.eos_id,
+        "pad_token": tokenizer.pad_id,
+    }
     try:
         return compiled_chat_template(tokenizer.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             tools=None,
             documents=None,
-            bos_token="" if bos is None else tokenizer.decode([bos]),
-            eos_token=tokenizer.decode([tokenizer.eos_id]),
+            **{key: "" if token is None else tokenizer.decode([token]) for key, token in special.items()},
         )
-    except TemplateError as e:
-        raise LoraftError(f"the model's chat template failed to render ({e})") from None
+    except LoraftError:
+        raise
+    except Exception as e:  # a template's own error: jinja2's, or a Python one from a filter or test
+        raise LoraftError(f"the model's chat template failed to render ({type(e).__name__}: {e})") from None
 
 
 ANSWER = "\x00answer\x00"  # a stand-in answer, to find what the template writes after one

@@ -240,9 +240,17 @@ def load_gguf(path: Path, dtype, keep_blocks: bool = False) -> tuple[nn.Module, 
     # the family laid out kept tensors' row numbers as it lays out weights: take those rows' blocks
     quantized = {}
     for name in [name for name, tensor in state.items() if tensor.dtype == torch.float64]:
-        numbers = state.pop(name)[:, 0].long()
+        numbers = state.pop(name)[:, 0]
         first, rows, kind, columns = next(b for b in reversed(blocks) if b[0] <= numbers[0])
-        quantized[name] = GGUFWeight(rows[numbers - first], kind, (len(numbers), columns))
+        if (
+            not (numbers == numbers.round()).all()
+            or not (first <= numbers).all()
+            or (numbers >= first + len(rows)).any()
+        ):
+            raise LoraftError(f"{path}: {family.name} builds {name} from more than one GGUF tensor's rows")
+        quantized[name] = GGUFWeight(rows[numbers.long() - first], kind, (len(numbers), columns))
+    if keep_blocks and not quantized:
+        raise LoraftError(f"{path}: its block layers are not quantized (F32/F16/BF16): use --quantize nf4 or int8")
     model = build_with(family, config, state, str(path), dtype, quantized)
     if quantized:
         model.quantized = "gguf"
