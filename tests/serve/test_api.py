@@ -4,10 +4,13 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from loraft import lora
 from loraft.classifier import TextFormat, predict_proba
+from loraft.serve.app import create_app
 from loraft.serve.batching import Classify, MicroBatcher
+from loraft.serve.registry import load_served
 
 from .conftest import LIMITS
 
@@ -182,3 +185,15 @@ def test_a_chunked_body_over_the_limit_is_refused(client):
     chunks = iter([b'{"adapter": "spam", "texts": ["', b"x" * 1500, b"x" * 1500, b'"]}'])  # no Content-Length
     reply = client.post("/v1/classify", content=chunks, headers={"content-type": "application/json"})
     assert reply.status_code == 413 and "over 2000 bytes" in reply.json()["error"]
+
+
+def test_served_over_the_gguf_blocks_answers_as_over_the_whole_file(reference, served):
+    """`serve --quantize gguf`: the base's block layers keep SmolLM2's Q4_1 blocks; answers are the same."""
+    kept = load_served(reference[1], "gguf")
+    request = {"adapter": "spam", "texts": [SPAM, HAM]}
+    with TestClient(create_app(kept, LIMITS)) as quantized, TestClient(create_app(served, LIMITS)) as whole:
+        assert quantized.post("/v1/classify", json=request).json() == whole.post("/v1/classify", json=request).json()
+        mixed = [{"adapter": name, "texts": [SPAM]} for name in ("mood", "topics")]
+        assert [quantized.post("/v1/classify", json=r).json() for r in mixed] == [
+            whole.post("/v1/classify", json=r).json() for r in mixed
+        ]
