@@ -25,7 +25,17 @@ from ..lora import shared_input_linears
 from .family import Family
 from .kv_cache import LayerCache, causal_attention
 from .llama import GGUF_NAMES as LLAMA_GGUF_NAMES
-from .llama import GGUF_TOP, HF_TOP, LORA_TARGETS, FeedForward, LlamaConfig, apply_rope, renamed, rope_tables
+from .llama import (
+    GGUF_TOP,
+    HF_TOP,
+    LORA_TARGETS,
+    FeedForward,
+    LlamaConfig,
+    apply_rope,
+    renamed,
+    rope_tables,
+    shared_gguf_metadata,
+)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -298,20 +308,7 @@ def to_gguf(sd: dict[str, torch.Tensor], cfg: Gemma3Config) -> tuple[str, dict, 
             continue
         theirs = renamed(name, "blk", GGUF_NAMES, GGUF_TOP)
         tensors[theirs] = tensor.float() + 1 if theirs.endswith("norm.weight") else tensor
-    metadata = {
-        "vocab_size": cfg.vocab_size,
-        "context_length": cfg.context_length,
-        "embedding_length": cfg.emb_dim,
-        "block_count": cfg.n_layers,
-        "feed_forward_length": cfg.hidden_dim,
-        "attention.head_count": cfg.n_heads,
-        "attention.head_count_kv": cfg.n_kv_heads,
-        "attention.key_length": cfg.head_dim,
-        "attention.value_length": cfg.head_dim,
-        "attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
-        "attention.sliding_window": cfg.sliding_window,
-        "rope.freq_base": float(cfg.rope_base),
-    }
+    metadata = shared_gguf_metadata(cfg) | {"attention.sliding_window": cfg.sliding_window}
     if cfg.rope_scaling:  # linear, of the full-attention layers (llama.cpp leaves the sliding ones unscaled)
         metadata |= {"rope.scaling.type": "linear", "rope.scaling.factor": float(cfg.rope_scaling["factor"])}
     if cfg.final_logit_softcapping is not None:  # newer llama.cpp reads it, older builds assume none

@@ -298,6 +298,11 @@ def to_gguf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> tuple[str, dict, d
 
 def gguf_metadata(cfg: LlamaConfig) -> dict:
     """The architecture's keys of a GGUF (without the "<architecture>." prefix)."""
+    return shared_gguf_metadata(cfg) | {"rope.dimension_count": int(cfg.head_size * cfg.rotary_fraction)}
+
+
+def shared_gguf_metadata(cfg) -> dict:
+    """The GGUF keys of a Llama-like config (Llama's, Gemma 3's)."""
     return {
         "vocab_size": cfg.vocab_size,
         "context_length": cfg.context_length,
@@ -310,7 +315,6 @@ def gguf_metadata(cfg: LlamaConfig) -> dict:
         "attention.value_length": cfg.head_size,
         "attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
         "rope.freq_base": float(cfg.rope_base),
-        "rope.dimension_count": int(cfg.head_size * cfg.rotary_fraction),
     }
 
 
