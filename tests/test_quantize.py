@@ -12,7 +12,7 @@ from loraft import lora
 from loraft.errors import LoraftError
 from loraft.gguf_writer import write_gguf
 from loraft.models import load_model
-from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, quantize_model
+from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, quantize_model, quantized_weight
 
 from .helpers import IDS, assert_clear_error, loraft, tiny_llama
 from .models.checkpoints import hf_checkpoint, write_tokenizer
@@ -55,7 +55,7 @@ def test_nf4_double_quantizes_its_absmaxes_to_int8_blocks_of_256():
 def test_a_quantized_layer_is_its_dequantized_twin_forward_and_backward(mode):
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)
-    quantized = QuantizedLinear.of(linear, mode)
+    quantized = QuantizedLinear(quantized_weight(mode, "linear", linear.weight), linear.bias, mode)
     twin = nn.Linear(128, 64)
     with torch.no_grad():
         twin.weight.copy_(quantized.weight.dequantize(torch.float32))

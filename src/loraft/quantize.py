@@ -43,6 +43,8 @@ NF4_LEVELS = torch.tensor(
     ]
 )
 NF4_BLOCK, SCALER_BLOCK = 64, 256
+# a byte's two levels, the high nibble's first: dequantizing looks each byte up once
+NF4_PAIRS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)
 
 
 class QuantizedWeight(nn.Module):
@@ -104,9 +106,8 @@ class NF4Weight(QuantizedWeight):
         return self.absmax_codes.float() / factor + self.absmax_mean
 
     def dequantize(self, dtype):
-        codes = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).flatten(1).long()
-        values = torch.take(NF4_LEVELS.to(self.codes.device), codes) * self.absmax()[:, None]  # take: 1.6x indexing
-        return values.reshape(self.shape).to(dtype)
+        levels = nn.functional.embedding(self.codes.int(), NF4_PAIRS.to(self.codes.device))  # (blocks, 32, 2)
+        return levels.view(len(self.codes), -1).mul_(self.absmax()[:, None]).view(self.shape).to(dtype)
 
 
 def fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -181,10 +182,6 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.mode = mode
 
-    @classmethod
-    def of(cls, linear: nn.Linear, mode: str) -> "QuantizedLinear":
-        return cls(WEIGHTS[mode](linear.weight), linear.bias, mode)
-
     def forward(self, x):
         return DequantizedMatmul.apply(x, self.weight, self.bias)
 
@@ -194,32 +191,39 @@ def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     return weight.dequantize(dtype) if isinstance(weight, QuantizedWeight) else weight.to(dtype)
 
 
-def quantize_model(model: nn.Module, mode: str) -> int:
-    """Quantize the linear layers of `model`'s transformer blocks in place (embeddings, final norm and
-    output head stay as they are, as QLoRA leaves them); returns how many were quantized."""
+def check_mode(mode: str):
     if mode not in MODES:
         raise LoraftError(f"unknown --quantize {mode!r}; choose one of {', '.join(MODES)}")
-    if mode in ("none", "gguf"):  # a GGUF's blocks are kept as the file is read (models.load_model)
+
+
+def block_linears(model: nn.Module) -> list[str]:
+    """The linear layers of `model`'s transformer blocks: what a quantized base holds in fewer bits (the
+    embeddings, final norm and output head stay as they are, as QLoRA leaves them)."""
+    return [n for n, m in model.named_modules() if n.startswith("trf_blocks.") and isinstance(m, nn.Linear)]
+
+
+def quantized_weight(mode: str, name: str, weight: torch.Tensor) -> QuantizedWeight:
+    """Layer `name`'s `weight` in int8 or nf4."""
+    if mode == "nf4" and weight.numel() % NF4_BLOCK:
+        raise LoraftError(f"{name}: {weight.numel()} weights do not fill nf4 blocks of {NF4_BLOCK}")
+    return WEIGHTS[mode](weight)
+
+
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Quantize the block linear layers of a model already in memory, in place (`models.load_model`
+    quantizes each weight as it reads it instead); returns how many were quantized."""
+    check_mode(mode)
+    if mode not in WEIGHTS:
         return 0
-    chosen = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.startswith("trf_blocks.") and isinstance(module, nn.Linear)
-    ]
-    for name, module in chosen:
-        if mode == "nf4" and module.weight.numel() % NF4_BLOCK:
-            raise LoraftError(f"{name}: {module.weight.numel()} weights do not fill nf4 blocks of {NF4_BLOCK}")
+    chosen = block_linears(model)
+    for name in chosen:
+        module = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantizedLinear.of(module, mode))
+        quantized = QuantizedLinear(quantized_weight(mode, name, module.weight), module.bias, mode)
+        setattr(model.get_submodule(parent), child, quantized)
     model.quantized = mode
     return len(chosen)
 
 
 def quantization_of(model: nn.Module) -> str:
     return getattr(model, "quantized", "none")
-
-
-def named_weights(model: nn.Module) -> list:
-    """(name, tensor or QuantizedWeight) of every weight: the parameters and the quantized weights."""
-    quantized = [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    return [*model.named_parameters(), *quantized]

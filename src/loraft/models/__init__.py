@@ -12,7 +12,7 @@ from torch import nn
 from .. import lora, weights
 from ..errors import LoraftError
 from ..files import read_json
-from ..quantize import GGUFWeight, QuantizedLinear, named_weights, quantize_model
+from ..quantize import GGUFWeight, QuantizedLinear, block_linears, check_mode, quantized_weight
 from ..tokenizer import BPETokenizer
 from . import gemma3, gpt2, llama, phi3
 from .family import Family
@@ -184,6 +184,7 @@ def load_model(
     block layers' weights in int8 or nf4, or (a GGUF) left in the file's own blocks (quantize.py).
 
     `model.name` records what was given (adapters remember their base by it)."""
+    check_mode(quantize)
     target = resolve(name_or_path)
     if weights_path and not (isinstance(target, ModelInfo) and target.hub_repo):
         raise LoraftError(f"--weights replaces the download of a known hub model; {name_or_path} has none to replace")
@@ -196,41 +197,55 @@ def load_model(
             f"model; use --quantize nf4 or int8"
         )
     if gguf is not None:
-        model, tokenizer = load_gguf(gguf, dtype, keep_blocks=quantize == "gguf")
+        model, tokenizer = load_gguf(gguf, dtype, quantize)
     elif isinstance(target, Path):
-        model, tokenizer = load_hf_checkpoint(target, dtype), hf_tokenizer(target)
+        model, tokenizer = load_hf_checkpoint(target, dtype, quantize=quantize), hf_tokenizer(target)
     else:
         path = Path(weights_path) if weights_path else weights.hub_folder(target.hub_repo)
-        model = load_hf_checkpoint(path, dtype, target)
+        model = load_hf_checkpoint(path, dtype, target, quantize)
         tokenizer = hf_tokenizer(path if path.is_dir() else path.parent)
     model.name = name_or_path
-    model.fingerprint = weights.weights_fingerprint(named_weights(model))  # of the weights before quantizing
-    quantize_model(model, quantize)
     return model.eval(), tokenizer
 
 
 def build_with(
-    family: Family, config, state: dict[str, torch.Tensor], source: str, dtype=torch.float32, quantized=None
+    family: Family, config, state: dict[str, torch.Tensor], source: str, dtype=torch.float32, quantize="none", kept=None
 ) -> nn.Module:
-    """`family`'s model of `config` holding `state` (our names), tied weights tied again; `quantized`:
-    weights (by name) whose linear layers become QuantizedLinear layers."""
+    """`family`'s model of `config` holding `state` (our names), tied weights tied again. `quantize`: its
+    block layers' weights in int8 or nf4, each quantized as it is read, or "gguf" with `kept`, the
+    GGUF's own blocks by weight name. `model.fingerprint` is that of the weights before quantizing."""
     with torch.device("meta"):
         model = family.model(config)
-    for name, weight in (quantized or {}).items():
+    quantized = dict(kept or {})
+    model.fingerprint = weights.weights_fingerprint(
+        (name, state[name] if name in state else quantized[name])
+        for name, _ in model.named_parameters()
+        if name in state or name in quantized
+    )
+    if quantize in ("int8", "nf4"):
+        quantized |= {
+            f"{n}.weight": quantized_weight(quantize, n, state.pop(f"{n}.weight")) for n in block_linears(model)
+        }
+    for name, weight in quantized.items():
         module = name.removesuffix(".weight")
         bias = torch.empty(weight.shape[0], device="meta") if f"{module}.bias" in state else None
-        lora.replace_module(model, module, QuantizedLinear(weight, bias, "gguf"))
+        lora.replace_module(model, module, QuantizedLinear(weight, bias, quantize))
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+        # a quantized model copies what stays whole, so that nothing keeps the mapped checkpoint file resident
+        model.load_state_dict({k: v.to(dtype, copy=bool(quantized)) for k, v in state.items()}, assign=True)
     except RuntimeError as e:
         raise LoraftError(f"{source}: the weights do not fit: {str(e).splitlines()[1].strip()}") from None
     if getattr(config, "tie_embeddings", False):
         model.out_head.weight = model.tok_emb.weight
+    if quantized:
+        model.quantized = quantize
     return model
 
 
-def load_gguf(path: Path, dtype, keep_blocks: bool = False) -> tuple[nn.Module, BPETokenizer]:
-    """The model in a GGUF file; `keep_blocks`: its block layers' quantized weights stay in the file's blocks."""
+def load_gguf(path: Path, dtype, quantize="none") -> tuple[nn.Module, BPETokenizer]:
+    """The model in a GGUF file; `quantize` "gguf": its block layers' quantized weights stay in the file's
+    blocks (int8, nf4: they are quantized from the file's values)."""
+    keep_blocks = quantize == "gguf"
     meta, tensors, blocks = weights.read_gguf(path, dtype, keep_blocks)
     family = family_named(meta.get("general.architecture"), str(path), gguf=True)
     if family.from_gguf_tensors is None:
@@ -251,23 +266,23 @@ def load_gguf(path: Path, dtype, keep_blocks: bool = False) -> tuple[nn.Module, 
         quantized[name] = GGUFWeight(rows[numbers.long() - first], kind, (len(numbers), columns))
     if keep_blocks and not quantized:
         raise LoraftError(f"{path}: its block layers are not quantized (F32/F16/BF16): use --quantize nf4 or int8")
-    model = build_with(family, config, state, str(path), dtype, quantized)
-    if quantized:
-        model.quantized = "gguf"
-    return model, BPETokenizer.from_gguf(meta)
+    return build_with(family, config, state, str(path), dtype, quantize, quantized), BPETokenizer.from_gguf(meta)
 
 
-def from_hf_checkpoint(family: Family, config, tensors: dict[str, torch.Tensor], source: str, dtype=torch.float32):
+def from_hf_checkpoint(
+    family: Family, config, tensors: dict[str, torch.Tensor], source: str, dtype=torch.float32, quantize="none"
+):
     try:
         state = family.from_hf_state_dict(tensors, config)
     except KeyError as e:
         raise LoraftError(f"{source} is not a {family.name} checkpoint: tensor {e} is missing") from None
-    return build_with(family, config, state, source, dtype)
+    return build_with(family, config, state, source, dtype, quantize)
 
 
-def load_hf_checkpoint(path, dtype=torch.float32, info: ModelInfo | None = None) -> nn.Module:
+def load_hf_checkpoint(path, dtype=torch.float32, info: ModelInfo | None = None, quantize="none") -> nn.Module:
     """The model in a Hugging Face checkpoint folder (config.json, model.safetensors or its shards), of
-    the family its config's model_type names; for a known model `info`, also a bare model.safetensors."""
+    the family its config's model_type names; for a known model `info`, also a bare model.safetensors;
+    `quantize`: its block layers in int8 or nf4."""
     tensors, hf_config = weights.local_hf_checkpoint(Path(path))
     source = str(path) if info is None else f"the weights of {info.name} ({path})"
     if hf_config is None:
@@ -281,7 +296,7 @@ def load_hf_checkpoint(path, dtype=torch.float32, info: ModelInfo | None = None)
                 f"{source}: config.json describes a {hf_config.get('model_type')} model, not {info.family}"
             )
         config = family.config_from_hf(hf_config)
-    return from_hf_checkpoint(family, config, tensors, source, dtype)
+    return from_hf_checkpoint(family, config, tensors, source, dtype, quantize)
 
 
 def hf_tokenizer(folder: Path):
