@@ -244,10 +244,18 @@ def cmd_classify(args):
         )
 
 
-def cmd_export_peft(args):
-    from .peft_format import export_peft
+def cmd_export(args):
+    from .export import export
 
-    print(f"PEFT adapter written to {export_peft(args.adapter, args.out)}")
+    written = export(args.adapter, args.format, args.out, args.dtype, args.weights, args.overwrite)
+    print(
+        f"{args.format} export of {args.adapter} written to {written}: {', '.join(sorted(p.name for p in written.iterdir()))}"
+    )
+
+
+def cmd_export_peft(args):
+    args.format, args.dtype, args.weights = "peft", None, None
+    cmd_export(args)
 
 
 def cmd_import_peft(args):
@@ -340,6 +348,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    from .export import FORMATS
+
     p = Parser(prog="loraft", description="LoRA fine-tuning of small pretrained language models")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -448,9 +458,26 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.set_defaults(run=cmd_chat)
 
-    x = sub.add_parser("export-peft", help="write a loraft adapter as a Hugging Face PEFT adapter folder")
+    x = sub.add_parser("export", help="write an adapter for llama.cpp and Ollama, transformers, ONNX Runtime or PEFT")
+    x.add_argument("--adapter", required=True)
+    x.add_argument(
+        "--format", required=True, choices=FORMATS, help="; ".join(f"{n}: {f.what}" for n, f in FORMATS.items())
+    )
+    x.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --overwrite)")
+    x.add_argument(
+        "--dtype",
+        help="how weights are stored: "
+        + "; ".join(f"{n}: {', '.join(f.dtypes)}" for n, f in FORMATS.items())
+        + " (the first is the default)",
+    )
+    x.add_argument("--weights", help=WEIGHTS_HELP)
+    x.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
+    x.set_defaults(run=cmd_export)
+
+    x = sub.add_parser("export-peft", help="the same as `export --format peft`")
     x.add_argument("--adapter", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
     x.set_defaults(run=cmd_export_peft)
 
     m = sub.add_parser("import-peft", help="read a Hugging Face PEFT LoRA folder into a loraft adapter folder")

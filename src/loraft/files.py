@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -88,6 +89,33 @@ def atomic_write(path: Path, write):
         tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise LoraftError(f"could not write {path} ({reason}); the file there before, if any, is unchanged") from None
+
+
+def atomic_folder(path: Path, write, overwrite: bool = False) -> Path:
+    """Fill a new folder through `write(folder)`, then rename it to `path`: a failure or an interruption
+    leaves no half-written folder, and with `overwrite` what was at `path` stays whole until the new
+    folder is complete. Without `overwrite`, an existing `path` is refused."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LoraftError(f"{path} already exists; choose another --out, or add --overwrite to replace it")
+    tmp, old = path.with_name(f".{path.name}.tmp-{os.getpid()}"), path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LoraftError(f"could not write {path} ({e.strerror or e}); what was there before is unchanged") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+    return path
 
 
 def json_safe(value):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import LoraftError
 from .files import atomic_write
+from .lora import base_state_dict
 from .models import family_of
 
 # our name -> the gguf package's type; llama.cpp's file_type number for general.file_type
@@ -46,27 +47,41 @@ def add_value(writer, key: str, value):
 
 
 def write_gguf(model: nn.Module, path, tensor_type: str = "f16", tokenizer_metadata: dict | None = None) -> Path:
-    """Write `model` (a loraft model, its LoRA merged or absent) to the GGUF file `path`.
+    """Write `model` (a loraft model: its base weights, with the adapter merged into them if one is) to
+    the GGUF file `path`.
 
     `tokenizer_metadata` holds the file's tokenizer.* keys (tokens, merges, token types, special ids,
     chat template); a GGUF without them has weights llama.cpp can read but no way to tokenize."""
-    from gguf import GGUFWriter
-
-    if tensor_type not in TENSOR_TYPES:
-        raise LoraftError(f"GGUF tensor type {tensor_type!r} is not supported; choose from {', '.join(TENSOR_TYPES)}")
+    check_tensor_type(tensor_type)
     family = family_of(model)
     if family.to_gguf is None:
         raise LoraftError(f"loraft does not write {family.name} models as GGUF")
-    architecture, metadata, tensors = family.to_gguf(model.state_dict(), model.config)
+    architecture, metadata, tensors = family.to_gguf(base_state_dict(model), model.config)
+    keys = {
+        "general.name": getattr(model, "name", architecture),
+        "general.file_type": TENSOR_TYPES[tensor_type][1],
+        "general.quantization_version": 2,
+        **{f"{architecture}.{key}": value for key, value in metadata.items()},
+        **(tokenizer_metadata or {}),
+    }
+    return write_gguf_file(path, architecture, keys, tensors, tensor_type)
+
+
+def check_tensor_type(tensor_type: str):
+    if tensor_type not in TENSOR_TYPES:
+        raise LoraftError(f"GGUF tensor type {tensor_type!r} is not supported; choose from {', '.join(TENSOR_TYPES)}")
+
+
+def write_gguf_file(
+    path, architecture: str, metadata: dict, tensors: dict[str, torch.Tensor], tensor_type: str
+) -> Path:
+    """A GGUF of `architecture` with `metadata` (whole keys) and `tensors` (GGUF names), matrices stored
+    as `tensor_type`, written atomically."""
+    from gguf import GGUFWriter
 
     def write(target: Path):
         writer = GGUFWriter(target, architecture)
-        writer.add_name(getattr(model, "name", architecture))
-        writer.add_file_type(TENSOR_TYPES[tensor_type][1])
-        writer.add_quantization_version(2)
         for key, value in metadata.items():
-            add_value(writer, f"{architecture}.{key}", value)
-        for key, value in (tokenizer_metadata or {}).items():
             add_value(writer, key, value)
         for name, tensor in tensors.items():
             values, kind = stored(tensor, tensor_type)

@@ -68,16 +68,28 @@ def ready_for_inference(model: nn.Module, bf16: bool):
         lora.merge(model)
 
 
-def load_trained(adapter_dir, task: str, weights=None, quantize: str = "none"):
-    """(model, tokenizer, adapter.json) of a trained adapter of `task`, ready for inference as its job was;
-    `quantize`: its base's block layers in int8 or nf4, whatever base it was trained over."""
+def load_trained(adapter_dir, task: str | None, weights=None, quantize: str = "none", bf16: bool | None = None):
+    """(model, tokenizer, adapter.json) of a trained adapter of `task` (None: any), ready for inference as
+    its job was; `quantize`: its base's block layers in int8 or nf4, whatever base it was trained over;
+    `bf16`: the base in bf16 (default: where it runs natively), else fp32."""
     meta, _ = read_adapter(adapter_dir)
-    if meta.get("task") != task:
+    if task is not None and meta.get("task") != task:
         raise LoraftError(f"{adapter_dir} is not a {task} adapter (task {meta.get('task')!r})")
-    bf16 = bf16_supported()
+    bf16 = bf16_supported() if bf16 is None else bf16
     model, tokenizer = load_model(meta["base_model"], weights, torch.bfloat16 if bf16 else torch.float32, quantize)
     load_adapter(model, adapter_dir)
     ready_for_inference(model, bf16)
+    return model, tokenizer, meta
+
+
+def load_merged(adapter_dir, weights=None):
+    """(model, tokenizer, adapter.json): the adapter's base in fp32 with the adapter merged into it, as a
+    checkpoint of the fine-tuned model holds it. A LoRA on an output head tied to the embeddings unties
+    the head (the config then says so)."""
+    model, tokenizer, meta = load_trained(adapter_dir, None, weights, bf16=False)
+    state = lora.base_state_dict(model)
+    if getattr(model.config, "tie_embeddings", False) and state["out_head.weight"] is not state["tok_emb.weight"]:
+        model.config = replace(model.config, tie_embeddings=False)
     return model, tokenizer, meta
 
 

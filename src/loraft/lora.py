@@ -413,6 +413,20 @@ def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict (with the merged adapter, if one is), named as without the LoRA
+    wrappers: what a checkpoint of the model holds."""
+    unwrapped = {f"{name}.base": name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    unwrapped |= {f"{name}.original": name for name, m in model.named_modules() if isinstance(m, ModuleToSave)}
+    adapters = {id(p) for p in adapter_parameters(model)}
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in adapters:
+            module, _, leaf = name.rpartition(".")
+            state[f"{unwrapped.get(module, module)}.{leaf}" if module else leaf] = tensor.detach()
+    return state
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     names = set()
     for module in model.modules():

@@ -54,6 +54,17 @@ class GPT2Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
 
+    def as_tokenizers(self) -> HFTokenizer:
+        """The same tokenizer in the `tokenizers` library, from the same two files: GPT-2's tokenizer.json."""
+        folder = gpt2_files()
+        merges = (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # after a version line
+        bpe = models.BPE(vocab=read_json(folder / "encoder.json"), merges=[tuple(m.split()) for m in merges if m])
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = PRE_TOKENIZERS["gpt2"]()
+        tok.decoder = decoders.ByteLevel()
+        tok.add_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        return tok
+
 
 # OpenAI's two GPT-2 BPE files as they are, inside the package (Modified MIT; LICENSE.txt beside them),
 # and their sha256: the files tiktoken downloads for get_encoding("gpt2").
@@ -64,11 +75,9 @@ GPT2_SHA256 = {
 }
 
 
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2" built from OpenAI's two files: those in $LORAFT_DATA_DIR/gpt2_tokenizer when
-    there, else the copy inside the package (no network), each sha256-checked."""
-    from tiktoken_ext import openai_public
-
+def gpt2_files() -> Path:
+    """The folder of OpenAI's two files: $LORAFT_DATA_DIR/gpt2_tokenizer when there, else the copy inside
+    the package (no network), each sha256-checked."""
     local = data_dir() / "gpt2_tokenizer" if data_dir() else None
     if local and (local / "vocab.bpe").is_file():
         folder, advice = local, "put OpenAI's files there, or unset LORAFT_DATA_DIR to use the copy inside the package"
@@ -76,6 +85,14 @@ def gpt2_encoding() -> tiktoken.Encoding:
         folder, advice = GPT2_FILES, "reinstall loraft"
     for name, sha256 in GPT2_SHA256.items():
         checked_file(folder / name, sha256, f"GPT-2 BPE file {name}", advice)
+    return folder
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's "gpt2" built from OpenAI's two files."""
+    from tiktoken_ext import openai_public
+
+    folder = gpt2_files()
     try:  # tiktoken copies the files it reads into its cache (TIKTOKEN_CACHE_DIR, else the temporary folder)
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(folder / "vocab.bpe"),
@@ -280,6 +297,9 @@ class BPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def as_tokenizers(self) -> HFTokenizer:
+        return self.tokenizer
+
     def gguf_metadata(self, vocab_size: int) -> dict:
         """The tokenizer.* keys llama.cpp reads, the token list padded to the model's `vocab_size`
         embedding rows as llama.cpp's converter pads it."""
@@ -348,6 +368,24 @@ class BPETokenizer:
         if state["model"]["unk_token"] is not None:
             metadata["tokenizer.ggml.unknown_token_id"] = self.tokenizer.token_to_id(state["model"]["unk_token"])
         return metadata
+
+
+def save_for_transformers(tokenizer, folder: Path, max_length: int):
+    """tokenizer.json and tokenizer_config.json in `folder`: transformers' AutoTokenizer then encodes
+    as `tokenizer` does (the BOS, if any, from tokenizer.json's post-processor), with its special tokens
+    and chat template."""
+    tok = tokenizer.as_tokenizers()
+    tok.save(str(folder / "tokenizer.json"))
+    by_id = {
+        "bos_token": getattr(tokenizer, "bos_id", None),
+        "eos_token": tokenizer.eos_id,
+        "pad_token": tokenizer.pad_id,
+    }
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length}
+    settings |= {key: tok.id_to_token(i) for key, i in by_id.items() if i is not None}
+    if tokenizer.chat_template:
+        settings["chat_template"] = tokenizer.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def without_offsets(value):

@@ -28,3 +28,6 @@ class Family:
     from_gguf_tensors: Callable[[dict[str, torch.Tensor], object], dict[str, torch.Tensor]] | None = None
     # our state dict and config -> a GGUF's (architecture, metadata without the architecture prefix, tensors)
     to_gguf: Callable[[dict[str, torch.Tensor], object], tuple[str, dict, dict[str, torch.Tensor]]] | None = None
+    # our state dict and config -> a config.json that config_from_hf reads back, and the tensors of
+    # transformers' ...ForCausalLM (its head as lm_head.weight, always)
+    to_hf: Callable[[dict[str, torch.Tensor], object], tuple[dict, dict[str, torch.Tensor]]] | None = None

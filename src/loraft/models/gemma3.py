@@ -276,6 +276,35 @@ def config_from_hf(hf: dict) -> Gemma3Config:
     )
 
 
+def to_hf(sd: dict[str, torch.Tensor], cfg: Gemma3Config) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A gemma3_text config.json (the hub's keys) that config_from_hf reads back as `cfg`, and the tensors."""
+    hf = {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "intermediate_size": cfg.hidden_dim,
+        "head_dim": cfg.head_dim,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": cfg.layer_types,
+        "rope_theta": cfg.rope_base,
+        "rope_local_base_freq": cfg.rope_local_base,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+        "attn_logit_softcapping": None,
+    }
+    if cfg.rope_scaling:
+        hf["rope_scaling"] = dict(cfg.rope_scaling)
+    return hf, {renamed(name, "model.layers", HF_NAMES, HF_TOP): t for name, t in sd.items()}
+
+
 # What llama.cpp assumes of every "gemma3" file rather than reading it: one full-attention layer after
 # every five sliding-window ones, the sliding layers' RoPE base, and queries scaled by head_dim**-0.5
 # (by (emb_dim / n_heads)**-0.5 in its 62-layer 27B, as Gemma 3 27B's query_pre_attn_scalar is).
@@ -370,4 +399,5 @@ FAMILY = Family(
     config_from_gguf=config_from_gguf,
     from_gguf_tensors=from_gguf_tensors,
     to_gguf=to_gguf,
+    to_hf=to_hf,
 )

@@ -194,6 +194,44 @@ def config_from_hf(hf_config: dict) -> GPT2Config:
     )
 
 
+def to_hf(sd: dict[str, torch.Tensor], cfg: GPT2Config) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A GPT2LMHeadModel's config.json and tensors: from_hf_state_dict's inverse (Conv1D weights are
+    (in, out); query, key and value fused in c_attn)."""
+    hf = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
+    for i in range(cfg.n_layers):
+        h, ours = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        att = [ours + f"att.W_{part}." for part in ("query", "key", "value")]
+        hf |= {
+            h + "attn.c_attn.weight": torch.cat([sd[a + "weight"] for a in att]).t(),
+            h + "attn.c_attn.bias": torch.cat([sd[a + "bias"] for a in att]),
+            h + "attn.c_proj.weight": sd[ours + "att.out_proj.weight"].t(),
+            h + "attn.c_proj.bias": sd[ours + "att.out_proj.bias"],
+            h + "mlp.c_fc.weight": sd[ours + "ff.layers.0.weight"].t(),
+            h + "mlp.c_fc.bias": sd[ours + "ff.layers.0.bias"],
+            h + "mlp.c_proj.weight": sd[ours + "ff.layers.2.weight"].t(),
+            h + "mlp.c_proj.bias": sd[ours + "ff.layers.2.bias"],
+            h + "ln_1.weight": sd[ours + "norm1.scale"],
+            h + "ln_1.bias": sd[ours + "norm1.shift"],
+            h + "ln_2.weight": sd[ours + "norm2.scale"],
+            h + "ln_2.bias": sd[ours + "norm2.shift"],
+        }
+    hf |= {"transformer.ln_f.weight": sd["final_norm.scale"], "transformer.ln_f.bias": sd["final_norm.shift"]}
+    hf["lm_head.weight"] = sd["out_head.weight"]
+    config = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "activation_function": "gelu_new",  # the book's GELU: the tanh approximation
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": False,  # the book's model keeps its own head (export_hf ties an equal one)
+    }
+    return config, {k: v.contiguous() for k, v in hf.items()}
+
+
 FAMILY = Family(
     name="gpt2",
     model=GPTModel,
@@ -210,4 +248,5 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     from_hf_state_dict=from_hf_state_dict,
     hf_tokenizer=GPT2Tokenizer,
+    to_hf=to_hf,
 )

@@ -364,6 +364,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[st
 
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
@@ -426,6 +433,44 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     )
 
 
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """A config.json that config_from_hf reads back as `cfg`, in the hub's (transformers 4) keys, which
+    transformers 5 reads too. A window that capped the context is gone: within it, attention is full."""
+    rope = {key: value for key, value in cfg.rope_scaling.items() if value is not None}
+    kind = rope.pop("rope_type", "default")
+    if kind == "divisors":
+        raise LoraftError("this model's RoPE scaling is a GGUF's rope_freqs tensor, which config.json cannot describe")
+    hf = {
+        "model_type": cfg.model_type,
+        "architectures": [HF_ARCHITECTURES[cfg.model_type]],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "max_position_embeddings": rope.pop("max_position_embeddings", cfg.context_length),
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": None,
+    }
+    if cfg.head_dim is not None:
+        hf["head_dim"] = cfg.head_dim
+    if cfg.rotary_fraction != 1.0:
+        hf["partial_rotary_factor"] = cfg.rotary_fraction
+    if kind == "longrope":  # Phi-3 keeps it beside rope_scaling
+        hf["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    if kind != "default":
+        hf["rope_scaling"] = {"rope_type": kind, **rope}
+    return hf
+
+
+def to_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    return config_to_hf(cfg), {renamed(name, "model.layers", HF_NAMES, HF_TOP): t for name, t in sd.items()}
+
+
 FAMILY = Family(
     name="llama",
     model=Llama,
@@ -442,4 +487,5 @@ FAMILY = Family(
     config_from_gguf=config_from_gguf,
     from_gguf_tensors=from_gguf_tensors,
     to_gguf=to_gguf,
+    to_hf=to_hf,
 )

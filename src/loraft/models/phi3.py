@@ -11,9 +11,12 @@ import torch
 from .family import Family
 from .llama import (
     GGUF_TOP,
+    HF_NAMES,
+    HF_TOP,
     Llama,
     LlamaConfig,
     config_from_hf,
+    config_to_hf,
     gguf_metadata,
     renamed,
 )
@@ -125,6 +128,11 @@ def to_gguf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> tuple[str, dict, d
     return "phi3", metadata, tensors
 
 
+def to_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    names = HF_NAMES | {"att.W_qkv": "self_attn.qkv_proj", "ff.gate_up": "mlp.gate_up_proj"}
+    return config_to_hf(cfg), {renamed(n, "model.layers", names, HF_TOP): t for n, t in fused_state(sd, cfg).items()}
+
+
 FAMILY = Family(
     name="phi3",
     model=Llama,
@@ -145,4 +153,5 @@ FAMILY = Family(
     config_from_gguf=config_from_gguf,
     from_gguf_tensors=from_gguf_tensors,
     to_gguf=to_gguf,
+    to_hf=to_hf,
 )
