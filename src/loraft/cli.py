@@ -378,7 +378,10 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--alpha", type=float, default=16.0)
     i.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     i.add_argument(
-        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="q k v o mlp head attention all-linear (BLOOM: query_key_value o mlp head ...), or globs",
     )
     i.add_argument("--num-classes", type=int, default=0, help="replace the output head by a classification head")
     i.set_defaults(run=cmd_info)
@@ -526,7 +529,10 @@ def add_lora_flags(parser):
     """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
     parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     parser.add_argument(
-        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="q k v o mlp head attention all-linear (BLOOM: query_key_value o mlp head ...), or globs",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
 
