@@ -84,6 +84,7 @@ def cmd_instruct(args):
 
     train_instruct(
         **flags(args, "data", "data_from_github", "val_file", "test_file", "template", "mask_prompt"),
+        data_format=args.format,
         **flags(args, "max_length", "max_new_tokens"),
         lora_config=lora_config(args),
         **train_options(args),
@@ -418,13 +419,20 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_classify)
 
     from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, TEMPLATES
+    from .instruct import DATA_FORMATS
 
     n = sub.add_parser(
         "instruct", help="instruction fine-tuning (default: SmolLM2 on the book's 1,100 Alpaca examples, LoRA)"
     )
     add_model_flags(n)
     n.add_argument(
-        "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file"
+        "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or a .json/.jsonl file of --format"
+    )
+    n.add_argument(
+        "--format",
+        default="alpaca",
+        choices=DATA_FORMATS,
+        help="alpaca: instruction, input, output (default); squad: SQuAD v1.1/v2.0 JSON, or JSONL of context, question, answer",
     )
     n.add_argument(
         "--data-from-github",
@@ -438,7 +446,7 @@ def parser() -> argparse.ArgumentParser:
         "--template",
         default=DEFAULT_TEMPLATE,
         choices=TEMPLATES,
-        help=f"the book's Alpaca prompt or the model's chat template (default {DEFAULT_TEMPLATE})",
+        help=f"the book's Alpaca prompt, the model's chat template, or qa: ### CONTEXT, ### QUESTION, ### ANSWER (default {DEFAULT_TEMPLATE})",
     )
     n.add_argument(
         "--mask-prompt",
