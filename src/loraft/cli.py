@@ -144,8 +144,9 @@ def train_options(args) -> dict:
             and args.quantize == "none"  # compiled, autograd would keep each dequantized weight for backward
         )
     cfg = TrainConfig(
-        **flags(args, "epochs", "batch_size", "lr", "weight_decay", "warmup", "schedule", "grad_accum", "clip"),
-        **flags(args, "eval_every", "seed", "gradient_checkpointing", "device", "skip_nonfinite", "save_every"),
+        **flags(args, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup", "schedule"),
+        **flags(args, "grad_accum", "clip", "eval_every", "seed", "gradient_checkpointing", "device"),
+        **flags(args, "skip_nonfinite", "save_every"),
         bf16=not args.no_bf16,
         compile=compile,
         quantize=args.quantize,
@@ -564,6 +565,13 @@ def add_train_flags(parser):
     d = TrainConfig()
     add_quantize_flag(parser, "train over")
     parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        metavar="N",
+        help="stop after N optimizer steps, the schedule spanning them (default 0: when the epochs end)",
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
