@@ -4,12 +4,14 @@ files and on malformed ones, and the PEFT article's system for real at tiny size
 int8 frozen base and LoRA on query_key_value, trained on a SQuAD file."""
 
 import json
+import re
 
 import pytest
 
 from loraft import lora
 from loraft.data.instruction import Example, format_prompt
 from loraft.data.squad import read_squad
+from loraft.errors import LoraftError
 from loraft.evaluate import answer_scores, normalize_answer, token_f1
 from loraft.instruct import load_instruct, respond
 from loraft.quantize import QuantizedLinear
@@ -132,17 +134,20 @@ def test_the_reader_takes_squad_v1_v2_and_jsonl(tmp_path):
         ("a.jsonl", '{"context": "c", "question": "q", "answer": 3}\n', '"answer" must be a text or a list of texts'),
     ],
 )
-def test_a_malformed_file_is_one_clear_line_and_writes_nothing(tmp_path, name, content, message):
+def test_a_malformed_file_is_refused_naming_where(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
+    with pytest.raises(LoraftError, match=re.escape(message)):
+        read_squad(tmp_path / name)
+
+
+def test_the_command_refuses_a_bad_file_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "a.json").write_text(squad_json("1.1", [{"context": "c", "qas": [{"question": "q", "answers": []}]}]))
     out = tmp_path / "out"
-    result = loraft("instruct", "--data", str(tmp_path / name), "--format", "squad", "--out", str(out))
-    assert_clear_error(result, message)
-    assert not out.exists()
-
-
-def test_squad_needs_a_file_of_its_own(tmp_path):
-    result = loraft("instruct", "--format", "squad", "--out", str(tmp_path / "out"))
+    result = loraft("instruct", "--data", str(tmp_path / "a.json"), "--format", "squad", "--out", str(out))
+    assert_clear_error(result, f"{tmp_path / 'a.json'}: data[0].paragraphs[0].qas[0]: the question has no answers")
+    result = loraft("instruct", "--format", "squad", "--out", str(out))
     assert_clear_error(result, "--format squad reads your --data FILE; the book's examples are in the Alpaca format")
+    assert not out.exists()
 
 
 CAPITALS = {
