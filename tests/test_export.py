@@ -43,7 +43,7 @@ def logits_of(model, ids=IDS):
 
 
 # every family llama.cpp reads, each scaling, and fused layers (Phi-3's qkv and gate_up) with a LoRA on
-# only some of their parts
+# only some of their parts, or on all of them (BLOOM's, whose rows llama.cpp regroups)
 LORAS = {
     "smollm2-360m": ("standard", ["all-linear"]),
     "llama-3.2-1b": ("rslora", ["attention"]),
@@ -53,6 +53,7 @@ LORAS = {
     "phi-4-mini": ("book", ["q", "v", "mlp"]),
     "gemma-3-270m": ("rslora", ["attention"]),
     "gemma-3-1b": ("standard", ["all-linear"]),
+    "bloom-560m": ("book", ["query_key_value", "mlp"]),
 }
 assert set(LORAS) == set(GGUF_OF)
 

@@ -20,8 +20,8 @@ def test_answer_scores():
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)  # LCS 5 of 6 words each
     assert rouge_l("a b c d", "b d") == pytest.approx(2 * (2 / 4) * 1 / (2 / 4 + 1))
     assert rouge_l("", "anything") == 0.0
-    scores = answer_scores(["An antonym is 'simple'.", "Red"], ["an antonym is simple", "Blue."])
-    assert scores == {"exact_match": 0.5, "rouge_l": 0.5, "count": 2}
+    scores = answer_scores(["An antonym is 'simple'.", "Red"], [["an antonym is simple"], ["Blue."]])
+    assert scores == {"exact_match": 0.5, "f1": 0.5, "rouge_l": 0.5, "count": 2}
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,16 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights,
     assert (tmp_path / "whole" / adapter).read_bytes() == (out / adapter).read_bytes()
 
 
+def test_max_steps_ends_the_run_and_its_schedule_there(tmp_path, tiny_gpt2_weights, small_sms_tsv):
+    """40 epochs cut to 6 steps: evaluated every 4 steps and at the last; the schedule spans the 6."""
+    out = tmp_path / "run"
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--max-steps", "6", "--warmup", "0"))
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4, 6]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["scheduler"]["last_epoch"] == 6 and checkpoint["scheduler"]["_last_lr"][0] == pytest.approx(0)
+
+
 def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tiny_gpt2_weights, small_sms_tsv):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
@@ -128,6 +138,7 @@ def test_bad_flags_and_resume_mistakes_fail_before_writing(tmp_path, tiny_gpt2_w
     for flags, message in [
         (["--lr", "-1"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--max-steps", "-1"], "--max-steps must be at least 0"),
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["--max-length", "5000"], "exceeds gpt2-small's context length 128"),
         (["--resume"], "no checkpoint"),

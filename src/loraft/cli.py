@@ -84,6 +84,7 @@ def cmd_instruct(args):
 
     train_instruct(
         **flags(args, "data", "data_from_github", "val_file", "test_file", "template", "mask_prompt"),
+        data_format=args.format,
         **flags(args, "max_length", "max_new_tokens"),
         lora_config=lora_config(args),
         **train_options(args),
@@ -143,8 +144,9 @@ def train_options(args) -> dict:
             and args.quantize == "none"  # compiled, autograd would keep each dequantized weight for backward
         )
     cfg = TrainConfig(
-        **flags(args, "epochs", "batch_size", "lr", "weight_decay", "warmup", "schedule", "grad_accum", "clip"),
-        **flags(args, "eval_every", "seed", "gradient_checkpointing", "device", "skip_nonfinite", "save_every"),
+        **flags(args, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup", "schedule"),
+        **flags(args, "grad_accum", "clip", "eval_every", "seed", "gradient_checkpointing", "device"),
+        **flags(args, "skip_nonfinite", "save_every"),
         bf16=not args.no_bf16,
         compile=compile,
         quantize=args.quantize,
@@ -378,7 +380,10 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--alpha", type=float, default=16.0)
     i.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     i.add_argument(
-        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="q k v o mlp head attention all-linear (BLOOM: query_key_value o mlp head ...), or globs",
     )
     i.add_argument("--num-classes", type=int, default=0, help="replace the output head by a classification head")
     i.set_defaults(run=cmd_info)
@@ -415,13 +420,20 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_classify)
 
     from .data.instruction import BOOK_DATA, DEFAULT_TEMPLATE, TEMPLATES
+    from .instruct import DATA_FORMATS
 
     n = sub.add_parser(
         "instruct", help="instruction fine-tuning (default: SmolLM2 on the book's 1,100 Alpaca examples, LoRA)"
     )
     add_model_flags(n)
     n.add_argument(
-        "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or an Alpaca .json/.jsonl file"
+        "--data", default=BOOK_DATA, help=f"'{BOOK_DATA}' (the book's, default) or a .json/.jsonl file of --format"
+    )
+    n.add_argument(
+        "--format",
+        default="alpaca",
+        choices=DATA_FORMATS,
+        help="alpaca: instruction, input, output (default); squad: SQuAD v1.1/v2.0 JSON, or JSONL of context, question, answer",
     )
     n.add_argument(
         "--data-from-github",
@@ -435,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
         "--template",
         default=DEFAULT_TEMPLATE,
         choices=TEMPLATES,
-        help=f"the book's Alpaca prompt or the model's chat template (default {DEFAULT_TEMPLATE})",
+        help=f"the book's Alpaca prompt, the model's chat template, or qa: ### CONTEXT, ### QUESTION, ### ANSWER (default {DEFAULT_TEMPLATE})",
     )
     n.add_argument(
         "--mask-prompt",
@@ -526,7 +538,10 @@ def add_lora_flags(parser):
     """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
     parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     parser.add_argument(
-        "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="q k v o mlp head attention all-linear (BLOOM: query_key_value o mlp head ...), or globs",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
 
@@ -550,6 +565,13 @@ def add_train_flags(parser):
     d = TrainConfig()
     add_quantize_flag(parser, "train over")
     parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        metavar="N",
+        help="stop after N optimizer steps, the schedule spanning them (default 0: when the epochs end)",
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)

@@ -1,7 +1,8 @@
 """Metrics: classification, and scores of generated answers against expected ones."""
 
 import re
-import unicodedata
+import string
+from collections import Counter
 
 
 def classification_metrics(labels: list[int], predictions: list[int], label_names: list[str]) -> dict:
@@ -36,9 +37,24 @@ def classification_metrics(labels: list[int], predictions: list[int], label_name
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
-    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+    """SQuAD's normalisation, as its official evaluation scripts (v1.1 and v2.0) define it: lower case,
+    ASCII punctuation deleted (so "it's" is "its"; other marks stay), the words a, an and the removed,
+    whitespace collapsed."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD's F1: the normalised words both share (with repeats), over each one's word count; where
+    either has no word (an unanswerable question's empty answer), 1 if both have none, else 0."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -59,11 +75,17 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_scores(predictions: list[str], references: list[str]) -> dict:
-    """Mean normalised exact match and ROUGE-L F1 of generated answers against the expected ones."""
-    n = max(1, len(references))
+def answer_scores(predictions: list[str], golds: list[list[str]]) -> dict:
+    """Mean SQuAD exact match (normalised), SQuAD token F1 and ROUGE-L F1 of generated answers, each
+    the best over a question's gold answers, as SQuAD scores a question with several."""
+    n = max(1, len(golds))
+
+    def mean(score) -> float:
+        return sum(max(score(p, gold) for gold in answers) for p, answers in zip(predictions, golds)) / n
+
     return {
-        "exact_match": sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / n,
-        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
-        "count": len(references),
+        "exact_match": mean(lambda p, gold: float(normalize_answer(p) == normalize_answer(gold))),
+        "f1": mean(token_f1),
+        "rouge_l": mean(rouge_l),
+        "count": len(golds),
     }

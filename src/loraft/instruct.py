@@ -1,6 +1,6 @@
 """Instruction fine-tuning (the book's chapter 7): a causal LM learns, with LoRA, to answer
-Alpaca-format instructions; its loss on the validation and test examples and its generated answers
-are measured before and after."""
+Alpaca-format instructions (or SQuAD's questions about a context); its loss on the validation and test
+examples and its generated answers (SQuAD's exact match and F1, ROUGE-L) are measured before and after."""
 
 import math
 import time
@@ -23,7 +23,9 @@ from .data.instruction import (
     end_id,
     format_prompt,
     load_instruction_data,
+    read_examples,
 )
+from .data.squad import read_squad
 from .errors import LoraftError
 from .evaluate import answer_scores
 from .generate import stream_tokens
@@ -31,6 +33,8 @@ from .job import load_trained, run_job
 from .models import DEFAULT_MODEL, model_device
 from .precision import bf16_autocast, uses_bf16
 from .train import TrainConfig
+
+DATA_FORMATS = {"alpaca": read_examples, "squad": read_squad}  # --format: each file format's reader
 
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +159,7 @@ class InstructionJob:
     max_length: int
     mask_prompt: bool
     max_new_tokens: int
+    data_format: str = "alpaca"
     name = "instruction"
 
     def check(self, model, tokenizer):
@@ -200,7 +205,7 @@ class InstructionJob:
         seconds = time.perf_counter() - generated_at
         if before is None:
             lora.set_active(model, "default")
-        scores = answer_scores(answers, [e.output for e in self.data.test])
+        scores = answer_scores(answers, [e.gold_answers for e in self.data.test])
         return {**losses, "answers": scores, "generated": answers, "generation_seconds": seconds}
 
     def report(self, before: dict, after: dict) -> dict:
@@ -211,6 +216,7 @@ class InstructionJob:
             for key in ("loss", "perplexity", "response_loss", "response_perplexity")
         }
         return {
+            "format": self.data_format,
             "template": self.template,
             "mask_prompt": self.mask_prompt,
             "sizes": self.data.sizes(),
@@ -227,6 +233,7 @@ class InstructionJob:
                 "instruction": e.instruction,
                 "input": e.input,
                 "expected": e.output,
+                **({"answers": e.answers} if e.answers else {}),
                 "generated": a,
                 "generated_before": b,
             }
@@ -244,7 +251,8 @@ class InstructionJob:
             f"test loss {before['test']['loss']:.3f} -> {after['test']['loss']:.3f} "
             f"(perplexity {before['test']['perplexity']:.1f} -> {after['test']['perplexity']:.1f}), "
             f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
-            f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}"
+            f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}, "
+            f"F1 {before['answers']['f1']:.3f} -> {after['answers']['f1']:.3f}"
         )
 
 
@@ -253,6 +261,7 @@ def train_instruct(
     model=DEFAULT_MODEL,
     weights=None,
     data=BOOK_DATA,
+    data_format="alpaca",
     data_from_github=False,
     val_file=None,
     test_file=None,
@@ -272,9 +281,16 @@ def train_instruct(
     options = {k: v for k, v in locals().items() if k not in ("train", "lora_config")} | lora_config.as_dict()
     if max_length < 2 or max_new_tokens < 1:
         raise LoraftError("--max-length must be at least 2 and --max-new-tokens at least 1")
-    dataset = load_instruction_data(data, val_file, test_file, (train or TrainConfig()).seed, data_from_github)
+    if data_format not in DATA_FORMATS:
+        raise LoraftError(f"unknown data format {data_format!r}; choose one of {list(DATA_FORMATS)}")
+    if data_format != "alpaca" and data == BOOK_DATA:
+        raise LoraftError(
+            f"--format {data_format} reads your --data FILE; the book's examples are in the Alpaca format"
+        )
+    seed = (train or TrainConfig()).seed
+    dataset = load_instruction_data(data, val_file, test_file, seed, data_from_github, DATA_FORMATS[data_format])
     check_template(template)  # an unknown template fails here, before anything is written
-    job = InstructionJob(dataset, template, max_length, mask_prompt, max_new_tokens)
+    job = InstructionJob(dataset, template, max_length, mask_prompt, max_new_tokens, data_format)
     report = run_job(job, options, out, model, weights, lora_config, resume, overwrite, quiet, train)
     return report and {"model": model, "data": str(data), **report}
 

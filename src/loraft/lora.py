@@ -24,10 +24,12 @@ SCALINGS = {
     "rslora": lambda alpha, rank: alpha / math.sqrt(rank),  # rank-stabilised LoRA
 }
 
-# Target group names understood everywhere a target list is taken; anything else is a glob pattern
+# Target group names understood everywhere a target list is taken: each family's own groups (its
+# `lora_targets`), and these aliases of groups, unless the family defines the name itself (BLOOM's
+# attention is its fused query_key_value and its output projection); anything else is a glob pattern
 # over module names ("trf_blocks.1*.att.*").
 ATTENTION = ["q", "k", "v", "o"]
-TARGET_ALIASES = {"attention": ATTENTION, "all-linear": [*ATTENTION, "mlp"]}
+TARGET_ALIASES = {"attention": ATTENTION, "all-linear": ["attention", "mlp"]}
 
 
 @dataclass(frozen=True)
@@ -318,22 +320,29 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return model.adapter_state
 
 
+def target_patterns(groups: dict[str, list[str]], target: str) -> list[str]:
+    """The glob patterns of one target: a group of the model's family, an alias of groups, or a pattern."""
+    if target in groups:
+        return groups[target]
+    if target in TARGET_ALIASES:
+        return [pattern for name in TARGET_ALIASES[target] for pattern in target_patterns(groups, name)]
+    return [target]
+
+
 def expand_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Module names of the nn.Linear layers (or LoRA-wrapped ones) that `targets` select."""
     groups = getattr(model, "lora_targets", {})
-    patterns = []
-    for target in targets:
-        for name in TARGET_ALIASES.get(target, [target]):
-            patterns += groups.get(name, [name])
     linears = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, (*LINEAR_LAYERS, LoRALinear)) and not name.endswith(".base")
     }
+    patterns = []
     for target in targets:
-        target_patterns = [p for name in TARGET_ALIASES.get(target, [target]) for p in groups.get(name, [name])]
-        if not any(fnmatch.fnmatchcase(name, p) for name in linears for p in target_patterns):
-            raise LoraftError(f"LoRA target {target!r} matches no linear layer; groups: {[*groups, *TARGET_ALIASES]}")
+        patterns += target_patterns(groups, target)
+        if not any(fnmatch.fnmatchcase(name, p) for name in linears for p in target_patterns(groups, target)):
+            names = list(dict.fromkeys([*groups, *TARGET_ALIASES]))
+            raise LoraftError(f"LoRA target {target!r} matches no linear layer; groups: {names}")
     return [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 

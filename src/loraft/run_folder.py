@@ -22,7 +22,7 @@ FREE_SETTINGS = ("compile", "save_every", "skip_nonfinite")
 
 
 # Settings added since runs were first written, with the value an older run had (it had no choice)
-ADDED_SETTINGS = {"quantize": "none"}
+ADDED_SETTINGS = {"quantize": "none", "max_steps": 0, "data_format": "alpaca"}
 
 
 def changed_settings(was: dict, now: dict) -> dict:

@@ -133,6 +133,9 @@ O200K_SPLIT = "|".join(
         r"\s+",
     ]
 )
+# BLOOM's: each run of characters that are not whitespace nor . , ! ? … 。 ， 、 । ۔ ، (nor the ( | ) its
+# nested character class also lists), with one space before it; what no run takes is a piece of its own
+BLOOM_SPLIT = r" ?[^(\s|[.,!?…。，、।۔،])]+"
 
 
 def regex_then_bytes(pattern: str):
@@ -155,6 +158,7 @@ PRE_TOKENIZERS = {
     "llama-bpe": lambda: regex_then_bytes(LLAMA3_SPLIT),
     "qwen2": lambda: regex_then_bytes(QWEN2_SPLIT),
     "gpt-4o": lambda: regex_then_bytes(O200K_SPLIT),
+    "bloom": lambda: regex_then_bytes(BLOOM_SPLIT),
 }
 # llama.cpp's token types
 NORMAL_TOKEN, UNKNOWN_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN, UNUSED_TOKEN, BYTE_TOKEN = 1, 2, 3, 4, 5, 6

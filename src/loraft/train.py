@@ -41,6 +41,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclass
 class TrainConfig:
     epochs: int = 3
+    max_steps: int = 0  # stop after this many optimizer steps, the schedule spanning them (0: the epochs decide)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -128,8 +129,8 @@ def check_config(cfg: TrainConfig):
     for name in ("lr", "weight_decay", "warmup", "clip"):
         if not math.isfinite(getattr(cfg, name)):
             raise LoraftError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(cfg, name)}")
-    if cfg.skip_nonfinite < 0 or cfg.save_every < 0:
-        raise LoraftError("--skip-nonfinite and --save-every must be at least 0")
+    if cfg.skip_nonfinite < 0 or cfg.save_every < 0 or cfg.max_steps < 0:
+        raise LoraftError("--skip-nonfinite, --save-every and --max-steps must be at least 0")
     if cfg.schedule not in SCHEDULES:
         raise LoraftError(f"unknown schedule {cfg.schedule!r}; choose one of {SCHEDULES}")
     if not cfg.lr > 0:
@@ -264,6 +265,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.steps_per_epoch = math.ceil(len(task.train_batches(0, cfg.batch_size)) / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         warmup = round(cfg.warmup * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, cfg.schedule)
@@ -376,15 +379,16 @@ class Trainer:
             dynamic_ncols=True,
         )
         with StopSignals(enabled=self.world == 1) as stop:
-            while progress.epoch < cfg.epochs:
+            while progress.epoch < cfg.epochs and progress.step < self.total_steps:
                 batches = self.task.train_batches(progress.epoch, cfg.batch_size)
                 while progress.batch < len(batches):  # a resumed run starts where it stopped
                     self.train_step(batches[progress.batch : progress.batch + cfg.grad_accum])
                     end_of_epoch = progress.batch >= len(batches)
                     if end_of_epoch:
                         progress.epoch, progress.batch = progress.epoch + 1, 0
-                    self.after_step(bar, stop, end_of_epoch)
-                    if end_of_epoch:
+                    at_end = end_of_epoch or progress.step == self.total_steps
+                    self.after_step(bar, stop, at_end)
+                    if at_end:
                         break
         bar.close()
         if cfg.compile:
@@ -441,16 +445,16 @@ class Trainer:
             self.progress.tokens += self.task.batch_tokens(batch)
         return distributed.sum_over_processes([loss_sum, correct, count])
 
-    def after_step(self, bar: tqdm, stop: StopSignals, end_of_epoch: bool):
-        """The progress bar; then an evaluation (every --eval-every steps and at the end of each epoch)
-        or a checkpoint (every --save-every steps, or before stopping on a signal); then the stop."""
+    def after_step(self, bar: tqdm, stop: StopSignals, at_end: bool):
+        """The progress bar; then an evaluation (every --eval-every steps, and at the end of each epoch
+        and of the run) or a checkpoint (every --save-every steps, or before stopping on a signal); then the stop."""
         cfg, p = self.cfg, self.progress
         bar.update(1)
         postfix = {"loss": f"{p.loss_sum / p.batches_since_eval:.3f}"}
         if p.count:
             postfix["acc"] = f"{p.correct / p.count:.3f}"
         bar.set_postfix(postfix)
-        if (p.step % cfg.eval_every == 0 or end_of_epoch) and self.is_main:
+        if (p.step % cfg.eval_every == 0 or at_end) and self.is_main:
             row = self.log_evaluation()
             if not self.quiet:
                 bar.write(self.describe(row))

@@ -23,7 +23,7 @@ def test_the_books_file_splits_85_10_5_by_seed():
     data = load_instruction_data(seed=123)
     assert data.sizes() == {"train": 935, "val": 55, "test": 110}
     everything = json.loads(BOOK_FILE.read_text())
-    as_dicts = [vars(e) for e in data.train + data.val + data.test]
+    as_dicts = [{key: getattr(e, key) for key in instruction.KEYS} for e in data.train + data.val + data.test]
     assert sorted(map(json.dumps, as_dicts)) == sorted(map(json.dumps, everything))
     assert load_instruction_data(seed=123).test == data.test
     assert load_instruction_data(seed=124).test != data.test

@@ -153,6 +153,7 @@ REAL = {
             rope_parameters=GEMMA3_ROPE,
         ),
     ),
+    "bloom-560m": ("Bloom", dict(hidden_size=1024, num_attention_heads=16, layer_norm_epsilon=1e-5)),
 }
 # The same switches at tiny widths: 4 query heads and 2 key/value heads of 16 dimensions.
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -173,6 +174,11 @@ TINY_CHANGES = {
     # a window shorter than the prompts, and a query scale that is not head_dim's
     "gemma-3-270m": dict(sliding_window=4, query_pre_attn_scalar=24),
     "gemma-3-1b": dict(sliding_window=3, query_pre_attn_scalar=8),
+    # ALiBi's slopes for a head count that is not a power of two (BLOOM-176B has 112 heads); BLOOM's
+    # feed-forward is four times its width, its heads hidden_size / n_head wide
+    "bloom-560m": dict(
+        hidden_size=48, num_attention_heads=6, intermediate_size=None, num_key_value_heads=None, head_dim=None
+    ),
 }
 
 

@@ -58,10 +58,11 @@ def test_real_widths_give_the_logits_of_transformers(tmp_path, name):
     reference = hf_checkpoint(tmp_path, name, tiny=False, vocab_size=1000, layers=1 if big else 2)
     model = load_hf_checkpoint(tmp_path).eval()
     hf = reference.config
-    assert (model.config.emb_dim, model.config.n_heads, model.config.n_kv_heads) == (
+    ours = model.config
+    assert (ours.emb_dim, ours.n_heads, getattr(ours, "n_kv_heads", ours.n_heads)) == (
         hf.hidden_size,
         hf.num_attention_heads,
-        hf.num_key_value_heads,
+        getattr(hf, "num_key_value_heads", hf.num_attention_heads),  # BLOOM's heads are not grouped
     )
     assert_same_as(reference, model, vocab_size=1000, tokens=4)
 
@@ -84,6 +85,7 @@ def test_the_switches_are_what_the_config_says(tmp_path):
     assert (gemma.sliding_window, gemma.query_pre_attn_scalar, gemma.head_dim) == (4, 24, 16)
     assert (gemma.rope_base, gemma.rope_local_base) == (1e6, 1e4)
     assert gemma.sliding_window < len(PROMPT)  # the window masks some of the prompt
+    assert configs["bloom-560m"].n_heads == 6  # not a power of two: ALiBi's slopes interleave two sequences
 
 
 def test_gemma3_final_logit_softcapping_gives_the_logits_of_transformers(tmp_path):
@@ -137,6 +139,8 @@ def test_a_config_json_as_the_hub_has_it_loads_the_same(tmp_path):
         ("gemma-3-270m", dict(use_bidirectional_attention=True), "sets use_bidirectional_attention"),
         ("gemma-3-270m", dict(hidden_activation="gelu"), "sets hidden_activation 'gelu'"),
         ("gemma-3-270m", dict(attention_bias=True), "sets attention_bias"),
+        ("bloom-560m", dict(apply_residual_connection_post_layernorm=True), "sets apply_residual_connection_post"),
+        ("bloom-560m", dict(pretraining_tp=2, slow_but_exact=True), "sets slow_but_exact with pretraining_tp > 1"),
         (
             "gemma-3-270m",
             dict(
@@ -161,7 +165,7 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_ones(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "falcon"}))
     with pytest.raises(
         LoraftError,
-        match="architecture 'falcon' is not supported; loraft reads gpt2, llama, mistral, qwen2, qwen3, phi3, gemma3_text",
+        match="architecture 'falcon' is not supported; loraft reads gpt2, llama, mistral, qwen2, qwen3, phi3, gemma3_text, bloom",
     ):
         load_hf_checkpoint(tmp_path)
 
@@ -174,6 +178,10 @@ def test_gemma3_multimodal_config_is_refused_naming_the_text_models(tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
+# BLOOM's q, k and v are one fused layer, which PEFT targets whole
+CLASSIFIER_TARGETS = {"bloom-560m": ["query_key_value", "mlp"]}
+
+
 @pytest.mark.parametrize("name", REAL)
 @pytest.mark.parametrize("classify", [False, True])
 def test_an_exported_adapter_runs_in_peft_on_transformers(tmp_path, name, classify):
@@ -181,7 +189,8 @@ def test_an_exported_adapter_runs_in_peft_on_transformers(tmp_path, name, classi
     sequence classifier), exported with export-peft, gives our logits in PeftModel."""
     hf_checkpoint(tmp_path / "base", name)
     model = load_hf_checkpoint(tmp_path / "base").eval()
-    lora.apply_lora(model, rank=4, alpha=8, targets=["q", "v", "mlp"] if classify else ["all-linear"])
+    targets = CLASSIFIER_TARGETS.get(name, ["q", "v", "mlp"]) if classify else ["all-linear"]
+    lora.apply_lora(model, rank=4, alpha=8, targets=targets)
     if classify:
         lora.add_module_to_save(model, "out_head", nn.Linear(model.config.emb_dim, 2, bias=False))
         hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(

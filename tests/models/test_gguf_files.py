@@ -34,6 +34,7 @@ GGUF_OF = {
     "phi-4-mini": ("phi3", "gpt-4o"),
     "gemma-3-270m": ("gemma3", "gemma"),
     "gemma-3-1b": ("gemma3", "gemma"),
+    "bloom-560m": ("bloom", "bloom"),
 }
 # Gemma 3 as llama.cpp reads it: six layers of its pattern, queries scaled by head_dim (16) as in the
 # real models, and room for the SentencePiece tokenizer's byte tokens
@@ -67,7 +68,7 @@ def test_a_written_gguf_reads_back_as_the_same_model_and_tokenizer(tmp_path, nam
     assert reader.fields["general.architecture"].contents() == GGUF_OF[name][0]
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= names
-    assert ("blk.0.attn_qkv.weight" in names) == (name == "phi-4-mini")
+    assert ("blk.0.attn_qkv.weight" in names) == (name in ("phi-4-mini", "bloom-560m"))
     assert ("blk.5.post_ffw_norm.weight" in names) == name.startswith("gemma")
 
     back, back_tokenizer = load_model(str(path))
@@ -101,11 +102,12 @@ PLAIN_ROPE = dict(rope_type="default", rope_theta=10000.0)
         ("qwen3-0.6b", dict(head_dim=128)),
         ("phi-4-mini", dict(partial_rotary_factor=1.0, rope_parameters=PLAIN_ROPE)),
         ("gemma-3-270m", dict(head_dim=256, query_pre_attn_scalar=256)),  # its reader's default scalar
+        ("bloom-560m", {}),
     ],
 )
 def test_transformers_reads_the_written_gguf_as_the_checkpoint(tmp_path, name, changes, sms_texts):
     """An independent reader of llama.cpp's layout: q/k rows permuted for llama, q/k norms, biases,
-    Phi-3's fused projections, Gemma's norms stored as 1 + weight."""
+    Phi-3's fused projections, Gemma's norms stored as 1 + weight, BLOOM's q, k, v rows regrouped."""
     reference = checkpoint_folder(tmp_path / "hf", name, sms_texts[:2000], **changes)
     model, tokenizer = load_model(str(tmp_path / "hf"))
     write_gguf(model, tmp_path / "model.gguf", "f32", tokenizer.gguf_metadata(model.config.vocab_size))

@@ -117,3 +117,28 @@ def test_a_sliding_window_sees_only_the_last_window_keys_in_training_and_with_a_
         assert got.allclose(reference[0][:, :, -last:], rtol=1e-12, atol=1e-12), last
     # a window as long as the keys is plain causal attention
     assert causal_attention(q, k, v, training=False, window=11).equal(causal_attention(q, k, v, training=False))
+
+
+def test_a_bias_is_added_to_the_scores_in_training_and_with_a_cache():
+    """BLOOM's ALiBi: a per-head bias over (query, key), against the scores written out (fp64); the
+    training path's gradients too, and the last queries' rows with a cache."""
+    torch.manual_seed(0)
+    q, k, v, grad_out = (torch.randn(2, 3, 11, 16, dtype=torch.float64) for _ in range(4))
+    bias = torch.randn(3, 11, 11, dtype=torch.float64)
+
+    def written_out(q, k, v):
+        scores = q @ k.transpose(-2, -1) / 16**0.5 + bias
+        scores = scores.masked_fill(torch.ones(11, 11, dtype=torch.bool).triu(1), float("-inf"))
+        return scores.softmax(-1) @ v
+
+    def biased(q, k, v):
+        return causal_attention(q, k, v, training=True, bias=bias)
+
+    (out, *grads), backward = output_and_grads(biased, q, k, v, grad_out)
+    assert "CausalAttentionBackward" in backward
+    reference, _ = output_and_grads(written_out, q, k, v, grad_out)
+    for name, a, b in zip(("output", "q", "k", "v"), [out, *grads], reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    for last in (11, 4, 1):
+        got = causal_attention(q[:, :, -last:], k, v, training=False, bias=bias[:, -last:])
+        assert got.allclose(reference[0][:, :, -last:], rtol=1e-12, atol=1e-12), last

@@ -1,6 +1,6 @@
 """Instruction data in the Alpaca format (the book's chapter 7): the book's 1,100 examples or a
-user's file, the 85/10/5 split, the prompt templates, and batches whose labels mark the tokens the
-loss counts."""
+user's file (or another format's reader: data/squad.py), the 85/10/5 split, the prompt templates, and
+batches whose labels mark the tokens the loss counts."""
 
 import functools
 import json
@@ -27,7 +27,7 @@ EMBEDDED = Path(__file__).parent / "instruction_data" / "instruction-data.json"
 WHAT = "book's instruction-data.json"
 KEYS = ("instruction", "input", "output")
 
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "chat", "qa")
 DEFAULT_TEMPLATE = "alpaca"  # the book's; works for models without a chat template, and answers as well as "chat"
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -38,7 +38,12 @@ ALPACA_PREAMBLE = (
 class Example:
     instruction: str
     input: str
-    output: str
+    output: str  # the answer trained on
+    answers: list[str] | None = None  # every gold answer, where there are several (SQuAD's); else the output
+
+    @property
+    def gold_answers(self) -> list[str]:
+        return self.answers or [self.output]
 
 
 @dataclass
@@ -124,19 +129,19 @@ def split_examples(examples: list[Example], seed: int) -> tuple[list, list, list
 
 
 def load_instruction_data(
-    data: str = BOOK_DATA, val_file=None, test_file=None, seed: int = 123, from_github: bool = False
+    data: str = BOOK_DATA, val_file=None, test_file=None, seed: int = 123, from_github: bool = False, read=read_examples
 ) -> InstructionData:
-    """The book's examples (`from_github`: downloaded, see book_file) or a user's file, split by
-    `seed`; separate validation/test files replace those parts of the split (the file then trains on
-    what is left)."""
+    """The book's examples (`from_github`: downloaded, see book_file) or a user's file, read by `read`
+    (a data format's reader), split by `seed`; separate validation/test files replace those parts of the
+    split (the file then trains on what is left)."""
     if from_github and data != BOOK_DATA:
         raise LoraftError(f"--data-from-github downloads the book's file; it cannot go with --data {data}")
-    examples = read_examples(book_file(from_github) if data == BOOK_DATA else data)
+    examples = read(book_file(from_github) if data == BOOK_DATA else data)
     train, val, test = split_examples(examples, seed)
     if val_file or test_file:
         train = train + (val if val_file else []) + (test if test_file else [])
-        val = read_examples(val_file) if val_file else val
-        test = read_examples(test_file) if test_file else test
+        val = read(val_file) if val_file else val
+        test = read(test_file) if test_file else test
     dataset = InstructionData(train, val, test)
     check_no_split_empty(dataset.sizes(), data, f"{len(examples)} examples", "examples (20 at least)")
     return dataset
@@ -146,13 +151,17 @@ def load_instruction_data(
 
 
 def format_prompt(tokenizer, instruction: str, input: str, template: str) -> str:
-    """The text before the response: the book's Alpaca prompt, or one user turn (the input as a second
-    paragraph of its message) in the model's own chat template, ready for the assistant's answer."""
+    """The text before the response: the book's Alpaca prompt; the PEFT article's question-answering
+    layout (the input is the context, the instruction the question); or one user turn (the input as a
+    second paragraph of its message) in the model's own chat template, ready for the assistant's answer."""
     if template == "alpaca":
         text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
         if input:
             text += f"\n\n### Input:\n{input}"
         return text + "\n\n### Response:\n"
+    if template == "qa":
+        context = f"### CONTEXT\n{input}\n\n" if input else ""
+        return f"{context}### QUESTION\n{instruction}\n\n### ANSWER\n"
     check_template(template)
     user = f"{instruction}\n\n{input}" if input else instruction
     return render_chat(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)

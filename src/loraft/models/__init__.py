@@ -14,10 +14,10 @@ from ..errors import LoraftError
 from ..files import read_json
 from ..quantize import GGUFWeight, QuantizedLinear, block_linears, check_mode, quantized_weight
 from ..tokenizer import BPETokenizer
-from . import gemma3, gpt2, llama, phi3
+from . import bloom, gemma3, gpt2, llama, phi3
 from .family import Family
 
-FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY, gemma3.FAMILY)}
+FAMILIES = {family.name: family for family in (gpt2.FAMILY, llama.FAMILY, phi3.FAMILY, gemma3.FAMILY, bloom.FAMILY)}
 ARCHITECTURES = [kind for family in FAMILIES.values() for kind in family.hf_model_types]  # config.json's model_type
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -59,6 +59,7 @@ def hub_model(name: str, repo: str, licence: str, **config_json) -> ModelInfo:
 
 APACHE = "Apache-2.0"
 GEMMA = "Gemma Terms of Use; gated: accept them on the hub, then set HF_TOKEN"
+BLOOM = "BigScience RAIL License v1.0 (bigscience-bloom-rail-1.0): use restrictions"
 # Sizes that fine-tune on a laptop. The shapes are the hub's config.json; tests/models/test_against_hf.py
 # checks each against transformers (parameter count) and each family's layout (logits).
 HUB_MODELS = [
@@ -95,6 +96,10 @@ HUB_MODELS = [
     hub_model("gemma-3-1b", "google/gemma-3-1b-it", GEMMA, model_type="gemma3_text", vocab_size=262144,
               hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
               num_hidden_layers=26, max_position_embeddings=32768, sliding_window=512, tie_word_embeddings=True),
+    hub_model("bloom-560m", "bigscience/bloom-560m", BLOOM, model_type="bloom", vocab_size=250880, hidden_size=1024,
+              n_head=16, n_layer=24),
+    hub_model("bloom-1b1", "bigscience/bloom-1b1", BLOOM, model_type="bloom", vocab_size=250880, hidden_size=1536,
+              n_head=16, n_layer=24),
 ]  # fmt: skip
 MODELS = {
     "smollm2-135m": ModelInfo(

@@ -21,10 +21,11 @@ class LayerCache:
         return keys, values
 
 
-def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0, window: int | None = None):
+def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0, window: int | None = None, bias=None):
     """Scaled dot-product attention where query i sees keys up to its own position (and, with a
     sliding `window`, only the last `window` of them, its own included). q may have a multiple of k's
-    and v's heads (grouped-query attention): query head h reads key head h // group.
+    and v's heads (grouped-query attention): query head h reads key head h // group. `bias`: added to
+    the scaled scores, fp32 of shape (query heads, queries, keys) (BLOOM's ALiBi).
 
     With a cache, the queries are the last q.shape[2] of k.shape[2] positions; SDPA's own
     `is_causal` aligns them to the first positions instead, so that case gets an explicit mask.
@@ -39,23 +40,27 @@ def causal_attention(q, k, v, training: bool, dropout_p: float = 0.0, window: in
             # A key head's query heads, one after another, as one long query: no copies of k and v.
             b, heads, n, d = q.shape
             grouped = q.reshape(b, k.shape[1], heads // k.shape[1] * n, d)
-            return CausalAttention.apply(grouped, k, v).view(b, heads, n, d)
+            grouped_bias = None if bias is None else bias.reshape(k.shape[1], heads // k.shape[1] * n, n)
+            return CausalAttention.apply(grouped, k, v, grouped_bias).view(b, heads, n, d)
         with sdpa_kernel(SDPBackend.MATH):
-            return sdpa(q, k, v, dropout_p, window)
-    return sdpa(q, k, v, dropout_p, window)
+            return sdpa(q, k, v, dropout_p, window, bias)
+    return sdpa(q, k, v, dropout_p, window, bias)
 
 
 class CausalAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + causal mask) v, with its backward written out so that every matrix
-    product reads contiguous operands: SDPA's math backend differentiates through transposed views,
-    which are slow on a CPU. Scores, softmax and their gradients are fp32, as in that backend (same
-    error against an fp64 reference, tested); the products with v, k and q run in the inputs' dtype."""
+    """softmax(q k^T / sqrt(d) + bias + causal mask) v, with its backward written out so that every
+    matrix product reads contiguous operands: SDPA's math backend differentiates through transposed
+    views, which are slow on a CPU. Scores, softmax and their gradients are fp32, as in that backend
+    (same error against an fp64 reference, tested); the products with v, k and q run in the inputs'
+    dtype. The bias (None, or one per head, query and key) is a constant: it gets no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, bias=None):
         dtype = softmax_dtype(q)
         with torch.autocast(q.device.type, enabled=False):  # the dtypes are chosen here
             scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1).contiguous()) * q.shape[-1] ** -0.5
+            if bias is not None:
+                scores += bias.to(dtype)
             scores.masked_fill_(future_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
             probs = torch.softmax(scores, -1)
             ctx.save_for_backward(q, k, v, probs)
@@ -73,7 +78,7 @@ class CausalAttention(torch.autograd.Function):
             )
             grad_q = torch.matmul(grad_scores, k.to(q.dtype))
             grad_k = torch.matmul(grad_scores.transpose(-2, -1).contiguous(), q).to(k.dtype)
-            return grad_q, grad_k, grad_v
+            return grad_q, grad_k, grad_v, None
 
 
 def future_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
@@ -88,7 +93,7 @@ def softmax_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def sdpa(q, k, v, dropout_p: float, window: int | None = None):
+def sdpa(q, k, v, dropout_p: float, window: int | None = None, bias=None):
     n_queries, n_keys = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1] and q.device.type != "cpu":
         # CUDA runs grouped queries in its flash kernel only (not in fp32, nor before Ampere GPUs):
@@ -96,13 +101,15 @@ def sdpa(q, k, v, dropout_p: float, window: int | None = None):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     gqa = q.shape[1] != k.shape[1]
-    if n_queries == 1 and window is None:
+    if n_queries == 1 and window is None and bias is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if n_queries == n_keys and window is None:
+    if n_queries == n_keys and window is None and bias is None:
         return torch.nn.functional.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
         )
     mask = visible_keys(n_queries, n_keys, window, q.device)
+    if bias is not None:  # SDPA adds a float mask to the scores; it must be of q's dtype
+        mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
     )
