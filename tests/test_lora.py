@@ -103,13 +103,13 @@ def test_only_lora_and_saved_modules_train():
 
 def test_adapter_round_trips_bit_exactly(tmp_path):
     model = tiny_llama()
-    lora.apply_lora(model, rank=4, alpha=8, scaling="rslora", targets=["all-linear"])
+    lora.apply_lora(model, rank=4, alpha=8, scaling="rslora", targets=["all-linear"], dropout=0.5)
     lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False))
     train_a_few_steps_cls(model)
-    expected = model(IDS).detach()
+    expected = model.eval()(IDS).detach()
     save_adapter(model, tmp_path / "a", task="classification", label_names=["ham", "spam"])
 
-    fresh = tiny_llama()
+    fresh = tiny_llama()  # in eval mode, as load_model gives it: the loaded LoRA runs no dropout
     meta = load_adapter(fresh, tmp_path / "a")
     assert meta["label_names"] == ["ham", "spam"] and meta["scaling"] == "rslora"
     assert torch.equal(fresh(IDS), expected)

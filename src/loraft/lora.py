@@ -360,7 +360,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, name: str = "
     for module_name in chosen:
         module = model.get_submodule(module_name)
         if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, state)
+            module = LoRALinear(module, state).train(model.training)  # a model in eval mode runs no LoRA dropout
             replace_module(model, module_name, module)
         if name in module.variant:
             raise LoraftError(f"adapter {name!r} already exists on {module_name}")
