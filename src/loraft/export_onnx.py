@@ -48,6 +48,20 @@ def classifier(adapter_dir, weights=None) -> tuple[Classifier, object, dict]:
     return Classifier(plain.eval(), head, meta["pooling"]).eval(), tokenizer, meta
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Without the exporter's progress lines and PyTorch-internal warnings, which say nothing about the model."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def write(adapter_dir, folder: Path, dtype: str, weights=None):
     try:
         import onnx  # noqa: F401
@@ -56,14 +70,10 @@ def write(adapter_dir, folder: Path, dtype: str, weights=None):
         raise LoraftError(f"--format onnx needs the export extra ({e}): pip install 'loraft[export]'") from None
     model, tokenizer, meta = classifier(adapter_dir, weights)
     fmt = TextFormat.of_adapter(meta)
-    example = torch.tensor([fmt.encode(tokenizer, ["an example text"])[0] * 2])
+    ids = fmt.encode(tokenizer, ["an example text to trace"])[0]
+    example = torch.tensor([ids, ids])  # more than one row and token: both axes stay symbolic
     shapes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
-    # the exporter reports progress and PyTorch-internal warnings that say nothing about this model
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet_exporter():
         torch.onnx.export(
             model,
             (example, torch.ones_like(example)),
@@ -76,7 +86,6 @@ def write(adapter_dir, folder: Path, dtype: str, weights=None):
             external_data=False,
             verbose=False,
         )
-    quiet.setLevel(level)
     tok = tokenizer.as_tokenizers()
     tok.enable_truncation(fmt.max_length)
     tok.enable_padding(pad_id=tokenizer.pad_id, pad_token=tok.id_to_token(tokenizer.pad_id))

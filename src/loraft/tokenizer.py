@@ -302,7 +302,8 @@ class BPETokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def as_tokenizers(self) -> HFTokenizer:
-        return self.tokenizer
+        """A copy of the `tokenizers` Tokenizer, for a caller to set up and save."""
+        return HFTokenizer.from_str(self.tokenizer.to_str())
 
     def gguf_metadata(self, vocab_size: int) -> dict:
         """The tokenizer.* keys llama.cpp reads, the token list padded to the model's `vocab_size`
