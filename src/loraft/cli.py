@@ -156,8 +156,11 @@ def lora_config(args):
     """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: its grid gives them)."""
     from .lora import LoraConfig
 
+    adalora = {field: getattr(args, f"adalora_{field}") for field in ("init_r", "tinit", "tfinal", "delta_t")}
     return LoraConfig(
-        **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)])
+        **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)]),
+        **flags(args, "variant", "init", "lora_plus_ratio"),
+        **adalora,
     )
 
 
@@ -523,12 +526,41 @@ def add_classifier_flags(parser):
 
 
 def add_lora_flags(parser):
-    """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
+    """Where LoRA goes, how it is scaled, its variant and init: the same for classifiers and instruction tuning."""
+    from .lora import VARIANTS
+
     parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     parser.add_argument(
         "--targets", nargs="+", default=["all-linear"], help="q k v o mlp head attention all-linear, or globs"
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    parser.add_argument(
+        "--variant",
+        default="lora",
+        choices=list(VARIANTS),
+        help="lora (default); dora: a trained magnitude per output channel over the direction of W + BA "
+        "(PEFT's use_dora); adalora: the SVD form P diag(E) Q, ranks pruned by importance while training",
+    )
+    parser.add_argument(
+        "--init",
+        default="default",
+        metavar="INIT",
+        help="where A and B start: default (B = 0), gaussian, pissa (W's top singular vectors, taken out of W), "
+        "pissa-niter-N (the same by a fast randomised SVD of N iterations), olora (W's QR); PiSSA and OLoRA "
+        "adapters are saved as plain LoRA of twice the rank, for the untouched base",
+    )
+    parser.add_argument(
+        "--lora-plus-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="LoRA+: B learns at R times the learning rate of A (16 is LoRA+'s and PEFT's usual; default 0: off)",
+    )
+    add = parser.add_argument_group("AdaLoRA (--variant adalora; --rank is the average rank it keeps)").add_argument
+    add("--adalora-init-r", type=int, help="every layer's rank at the start (default 1.5 x --rank)")
+    add("--adalora-tinit", type=int, metavar="STEPS", help="steps before ranks are cut (default 10%% of the steps)")
+    add("--adalora-tfinal", type=int, metavar="STEPS", help="last steps, with the final ranks (default 30%%)")
+    add("--adalora-delta-t", type=int, default=1, metavar="STEPS", help="steps between allocations (default 1)")
 
 
 def add_quantize_flag(parser, what: str):
