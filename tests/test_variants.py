@@ -31,24 +31,15 @@ from .helpers import (
     train_a_few_steps,
     train_args,
 )
-from .models.checkpoints import PROMPT, hf_checkpoint, write_tokenizer
+from .models.checkpoints import PROMPT
 from .test_peft_format import GPT2_IDS, hf_gpt2, our_gpt2
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_IDS = torch.tensor([PROMPT, PROMPT[::-1]])
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, sms_texts):
-    """A tiny random-weight Llama checkpoint as transformers writes it, with a tokenizer."""
-    folder = tmp_path_factory.mktemp("llama")
-    hf_checkpoint(folder, "smollm2-360m")
-    write_tokenizer(folder, sms_texts[:500])
-    return folder
-
-
-def hf_llama(llama_dir):
-    return transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+def hf_llama(tiny_llama_dir):
+    return transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -129,12 +120,12 @@ def test_dora_over_a_quantized_base_is_dora_over_its_dequantized_weights():
 @pytest.mark.parametrize(
     "targets,classify", [(["all-linear", "head"], False), (["all-linear"], True)], ids=["causal-lm", "classifier"]
 )
-def test_dora_runs_in_peft_and_back(llama_dir, tiny_gpt2_weights, tmp_path, targets, classify):
+def test_dora_runs_in_peft_and_back(tiny_llama_dir, tiny_gpt2_weights, tmp_path, targets, classify):
     """Llama's layers one by one, and GPT-2's fused c_attn, whose magnitudes stack as its rows do."""
     if classify:
         model, hf_model, ids = our_gpt2(tiny_gpt2_weights), hf_gpt2(tiny_gpt2_weights, classify=True), GPT2_IDS
     else:
-        model, hf_model, ids = load_model(str(llama_dir))[0], hf_llama(llama_dir), LLAMA_IDS
+        model, hf_model, ids = load_model(str(tiny_llama_dir))[0], hf_llama(tiny_llama_dir), LLAMA_IDS
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8, targets=tuple(targets), variant="dora"))
     if classify:
         lora.add_module_to_save(model, "out_head", nn.Linear(64, 2, bias=False))
@@ -185,13 +176,13 @@ def test_a_principal_init_keeps_the_model_and_saves_an_adapter_for_the_untouched
         assert relative(untouched(IDS), trained) <= 1e-5
 
 
-def test_principal_inits_are_pefts(llama_dir):
+def test_principal_inits_are_pefts(tiny_llama_dir):
     """A, B and the base's residual W - s B A as PEFT's pissa_init and olora_init make them."""
     for init in ("pissa", "olora"):
-        ours = load_model(str(llama_dir))[0]
+        ours = load_model(str(tiny_llama_dir))[0]
         lora.apply_lora(ours, lora.LoraConfig(rank=4, alpha=8, init=init))
         config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS, init_lora_weights=init)
-        theirs = get_peft_model(hf_llama(llama_dir), config)
+        theirs = get_peft_model(hf_llama(tiny_llama_dir), config)
         layer = ours.trf_blocks[1].ff.up
         peft_layer = theirs.base_model.model.model.layers[1].mlp.up_proj
         torch.testing.assert_close(layer.lora_A["default"], peft_layer.lora_A["default"].weight)
@@ -199,8 +190,8 @@ def test_principal_inits_are_pefts(llama_dir):
         torch.testing.assert_close(layer.base.weight, peft_layer.base_layer.weight)
 
 
-def test_a_pissa_adapter_runs_in_peft_over_the_untouched_base(llama_dir, tmp_path):
-    model = load_model(str(llama_dir))[0]
+def test_a_pissa_adapter_runs_in_peft_over_the_untouched_base(tiny_llama_dir, tmp_path):
+    model = load_model(str(tiny_llama_dir))[0]
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8, init="pissa-niter-4", targets=("all-linear", "head")))
     train_a_few_steps(model, LLAMA_IDS)
     with torch.no_grad():
@@ -208,7 +199,7 @@ def test_a_pissa_adapter_runs_in_peft_over_the_untouched_base(llama_dir, tmp_pat
     save_adapter(model, tmp_path / "loraft")
     export_peft(tmp_path / "loraft", tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 8
-    peft_model = PeftModel.from_pretrained(hf_llama(llama_dir), tmp_path / "peft").eval()
+    peft_model = PeftModel.from_pretrained(hf_llama(tiny_llama_dir), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (peft_model(LLAMA_IDS).logits - trained).abs().max() <= 1e-3
 
@@ -277,7 +268,7 @@ def test_a_dora_run_with_lora_plus_trains(tmp_path, tiny_gpt2_weights, small_sms
 # ---------------------------------------------------------------- AdaLoRA
 
 
-def test_adalora_trains_and_allocates_ranks_as_peft(llama_dir, tmp_path):
+def test_adalora_trains_and_allocates_ranks_as_peft(tiny_llama_dir, tmp_path):
     """The same model, the same start and the same batches: PEFT's AdaLoraModel with its RankAllocator
     and loraft's loop hook prune the same triplets, step by step, and end at the same weights."""
     schedule = dict(tinit=3, tfinal=5, deltaT=2, total_step=20)
@@ -285,9 +276,9 @@ def test_adalora_trains_and_allocates_ranks_as_peft(llama_dir, tmp_path):
     config = AdaLoraConfig(
         init_r=6, target_r=4, lora_alpha=8, target_modules=HF_TARGETS, task_type="CAUSAL_LM", **schedule
     )
-    peft_model = get_peft_model(hf_llama(llama_dir), config)  # its forward adds the orthogonality penalty
+    peft_model = get_peft_model(hf_llama(tiny_llama_dir), config)  # its forward adds the orthogonality penalty
     peft_model.save_pretrained(tmp_path / "start")
-    ours = load_model(str(llama_dir))[0]
+    ours = load_model(str(tiny_llama_dir))[0]
     import_peft(tmp_path / "start", ours)
     config = lora.LoraConfig.of_adapter(lora.adapter_state(ours).configs["default"])
     assert (config.variant, config.rank, config.initial_rank, config.tinit, config.delta_t) == ("adalora", 4, 6, 3, 2)
@@ -332,11 +323,11 @@ def hf_name(module: str) -> str:
     return f"model.layers.{block}.{HF_NAMES[rest]}"
 
 
-def test_adalora_runs_in_peft_and_back(llama_dir, tmp_path):
-    model = load_model(str(llama_dir))[0]
+def test_adalora_runs_in_peft_and_back(tiny_llama_dir, tmp_path):
+    model = load_model(str(tiny_llama_dir))[0]
     lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8, variant="adalora", targets=("all-linear", "head")))
     randomise(model, std=0.05)
-    export_and_compare(model, hf_llama(llama_dir), LLAMA_IDS, tmp_path, classify=False)
+    export_and_compare(model, hf_llama(tiny_llama_dir), LLAMA_IDS, tmp_path, classify=False)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["init_r"], config["target_r"]) == ("ADALORA", 6, 4)
 
@@ -365,19 +356,24 @@ def test_bad_variant_flags_are_one_clear_line(tmp_path, tiny_gpt2_weights, small
     def run(*flags):
         return loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", *flags))
 
+    # one through each place that checks: the config, the method, the base, the parser
     assert_clear_error(run("--init", "svd"), "unknown LoRA init 'svd'")
-    assert_clear_error(run("--init", "pissa-niter-N"), "number of iterations")
-    assert_clear_error(run("--variant", "dora", "--init", "pissa"), "does not go with --variant dora")
-    assert_clear_error(run("--variant", "adalora", "--scaling", "rslora"), "use --scaling standard")
-    assert_clear_error(run("--variant", "adalora", "--adalora-init-r", "4"), "must be a whole number above --rank")
-    assert_clear_error(run("--lora-plus-ratio", "-1"), "--lora-plus-ratio must be a number >= 0")
     assert_clear_error(run("--variant", "dora", "--method", "full"), "need --method lora")
     assert_clear_error(run("--init", "olora", "--quantize", "int8"), "--quantize int8")
     assert_clear_error(run("--variant", "lokr"), "invalid choice: 'lokr'")
     assert not (tmp_path / "bad").exists()
+    for options, message in [
+        (dict(init="pissa-niter-N"), "number of iterations"),
+        (dict(variant="dora", init="pissa"), "does not go with --variant dora"),
+        (dict(variant="adalora", scaling="rslora"), "use --scaling standard"),
+        (dict(variant="adalora", init_r=4), "must be a whole number above --rank"),
+        (dict(variant="adalora", delta_t=0), "--adalora-delta-t must be a whole number of steps >= 1"),
+        (dict(lora_plus_ratio=-1), "--lora-plus-ratio must be a number >= 0"),
+    ]:
+        with pytest.raises(LoraftError, match=message):
+            lora.LoraConfig(rank=4, **options)
     with pytest.raises(LoraftError, match="must be the model's only adapter"):
-        model = tiny_llama_with_lora()
-        lora.apply_lora(model, lora.LoraConfig(rank=4, init="pissa"), name="second")
+        lora.apply_lora(tiny_llama_with_lora(), lora.LoraConfig(rank=4, init="pissa"), name="second")
 
 
 def test_a_peft_dora_without_its_magnitudes_is_refused(tmp_path):

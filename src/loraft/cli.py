@@ -261,6 +261,19 @@ def cmd_export_peft(args):
     cmd_export(args)
 
 
+def cmd_combine(args):
+    from .combine import combine
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise LoraftError(
+            f"--weights takes comma-separated numbers, one per --adapter, e.g. 0.7,0.3; got {args.weights!r}"
+        ) from None
+    out = combine(args.adapter, weights, args.method, args.out, args.density, args.rank, args.seed, args.overwrite)
+    print(f"adapter of {len(args.adapter)} combined by {args.method} written to {out}")
+
+
 def cmd_import_peft(args):
     from .adapters import save_adapter
     from .models import load_model
@@ -482,6 +495,27 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
     x.set_defaults(run=cmd_export_peft)
+
+    from .combine import METHODS
+
+    b = sub.add_parser(
+        "combine", help="one adapter from several of one base and task, as PEFT's add_weighted_adapter makes it"
+    )
+    b.add_argument("--adapter", action="append", required=True, help="an adapter folder (repeat for each)")
+    b.add_argument("--weights", required=True, help="one weight per --adapter, comma-separated, e.g. 0.7,0.3")
+    b.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS,
+        help="cat: the exact weighted sum of the updates (the ranks add up); linear, ties, dare_linear, dare_ties: "
+        "A's and B's merged apart, at their rank; *_svd and svd: the updates merged, then cut to --rank by SVD",
+    )
+    b.add_argument("--density", type=float, help="ties and dare: the fraction of each tensor's entries kept")
+    b.add_argument("--rank", type=int, help="svd methods: the rank to cut back to (default: the largest)")
+    b.add_argument("--seed", type=int, default=0, help="dare: the seed of its random draws (default 0)")
+    b.add_argument("--out", required=True, help="the adapter folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace --out once the new adapter is complete")
+    b.set_defaults(run=cmd_combine)
 
     m = sub.add_parser("import-peft", help="read a Hugging Face PEFT LoRA folder into a loraft adapter folder")
     m.add_argument("--peft", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
