@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from gguf import GGUFReader
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from torch import nn
 from loraft import lora
 from loraft.adapters import load_adapter, save_adapter
 from loraft.errors import LoraftError
+from loraft.export import export
 from loraft.models import load_model
 from loraft.peft_format import export_peft, import_peft
 from loraft.quantize import quantize_model
@@ -166,6 +168,7 @@ def test_a_principal_init_keeps_the_model_and_saves_an_adapter_for_the_untouched
     assert relative(trained, before) > 1e-2
     save_adapter(model, tmp_path / "a")
 
+    assert lora.base_changed(model) and not lora.base_changed(tiny_llama_with_lora())
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
     assert (meta["rank"], meta["alpha"], meta["init"]) == (8, 16.0, "default")
     assert meta["converted_from"] == {"init": init, "rank": 4, "alpha": 8.0}
@@ -202,6 +205,23 @@ def test_a_pissa_adapter_runs_in_peft_over_the_untouched_base(tiny_llama_dir, tm
     peft_model = PeftModel.from_pretrained(hf_llama(tiny_llama_dir), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (peft_model(LLAMA_IDS).logits - trained).abs().max() <= 1e-3
+
+
+def test_llama_cpp_lora_files_take_plain_lora_only(tiny_llama_dir, tmp_path):
+    """A PiSSA adapter, saved as a LoRA, goes to llama.cpp's LoRA file; DoRA and AdaLoRA have no place in it."""
+    for options in (dict(variant="dora"), dict(variant="adalora"), dict(init="pissa")):
+        model = load_model(str(tiny_llama_dir))[0]
+        lora.apply_lora(model, lora.LoraConfig(rank=4, **options))
+        folder = save_adapter(model, tmp_path / "-".join(options.values()), task="instruction", template="alpaca")
+        if "variant" in options:
+            with pytest.raises(LoraftError, match="is not a plain LoRA"):
+                export(folder, "gguf-lora", tmp_path / "out")
+        else:
+            export(folder, "gguf-lora", tmp_path / "out")
+            ranks = {
+                int(min(t.shape)) for t in GGUFReader(tmp_path / "out" / "adapter.gguf").tensors if ".lora_a" in t.name
+            }
+            assert ranks == {8}  # rank 2r, the converted form
 
 
 # ---------------------------------------------------------------- LoRA+
@@ -313,6 +333,44 @@ def test_adalora_trains_and_allocates_ranks_as_peft(tiny_llama_dir, tmp_path):
     peft_model.eval(), ours.eval()
     with torch.no_grad():
         assert (peft_model(LLAMA_IDS).logits - ours(LLAMA_IDS)).abs().max() <= 1e-3
+
+
+def test_adalora_allocation_resumes_from_a_checkpoint(tmp_path):
+    """The allocator's moving averages and rank pattern go through a checkpoint (torch.save, read back
+    with weights_only) and a resumed run allocates as the uninterrupted one."""
+
+    def run(model, hook, optimizer, steps):
+        for step in steps:
+            model(IDS).square().mean().add(hook.penalty()).backward()
+            optimizer.step()
+            hook.after_step(step)
+            optimizer.zero_grad()
+
+    def start(model):
+        hook = lora.AdapterTraining(model)
+        hook.start(12)
+        return hook, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    model = tiny_llama()
+    lora.apply_lora(model, lora.LoraConfig(rank=2, init_r=4, variant="adalora", tinit=2, tfinal=3))
+    resumed = copy.deepcopy(model)
+    hook, optimizer = start(model)
+    run(model, hook, optimizer, range(6))
+    torch.save(
+        {"hook": hook.state_dict(), "optimizer": optimizer.state_dict(), "model": model.state_dict()}, tmp_path / "c.pt"
+    )
+    run(model, hook, optimizer, range(6, 12))
+
+    checkpoint = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed.load_state_dict(checkpoint["model"])
+    hook_again, optimizer_again = start(resumed)
+    optimizer_again.load_state_dict(checkpoint["optimizer"])
+    hook_again.load_state_dict(checkpoint["hook"])
+    run(resumed, hook_again, optimizer_again, range(6, 12))
+    assert hook_again.allocator.rank_pattern == hook.allocator.rank_pattern
+    assert sum(map(sum, hook.allocator.rank_pattern.values())) == 2 * 14
+    for (name, ours), (_, again) in zip(model.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(ours, again), name
 
 
 def hf_name(module: str) -> str:

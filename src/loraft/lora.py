@@ -695,6 +695,12 @@ def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def base_changed(model: nn.Module) -> bool:
+    """Whether an adapter's init took its part out of the base weights (PiSSA, OLoRA): then the base
+    alone is not the base model."""
+    return any(isinstance(m, LoRALinear) and m.initial for m in model.modules())
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """The fingerprint of the base's weights (adapters left out), taken once: an init that changes the
     base (PiSSA, OLoRA) takes it before it does, since its saved adapter goes with the untouched weights."""
