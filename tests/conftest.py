@@ -72,3 +72,15 @@ def small_sms_tsv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sms.tsv"
     path.write_text("label\ttext\n" + "".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, sms_texts):
+    """A tiny random-weight Llama checkpoint (SmolLM2's config, 2 layers of width 64) as transformers
+    writes it, with a tokenizer: loraft's and transformers' models of the same weights."""
+    from .models.checkpoints import hf_checkpoint, write_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    hf_checkpoint(folder, "smollm2-360m")
+    write_tokenizer(folder, sms_texts[:500])
+    return folder

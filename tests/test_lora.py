@@ -297,11 +297,11 @@ class GainLoRA(lora.LoRA):
 
     fused = False
 
-    def shapes(self, base, rank):
-        return {**super().shapes(base, rank), "lora_gain": (base.out_features, 1)}
+    def shapes(self, base, config):
+        return {**super().shapes(base, config), "lora_gain": (base.out_features, 1)}
 
-    def init(self, layer, name):
-        super().init(layer, name)
+    def init(self, layer, name, config):
+        super().init(layer, name, config)
         nn.init.ones_(layer.lora_gain[name])
 
     def delta(self, layer, name, x, base_out):
@@ -326,7 +326,7 @@ def test_a_variant_is_one_class_and_a_registry_line(tmp_path, monkeypatch):
         logits = model(IDS)
     save_adapter(model, tmp_path / "gain")
     assert (tmp_path / "gain" / "adapter.json").read_text().count('"variant": "gain"') == 1
-    with pytest.raises(LoraftError, match="carries plain LoRA"):
+    with pytest.raises(LoraftError, match="carries lora, dora and adalora"):
         export_peft(tmp_path / "gain", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
 

@@ -178,7 +178,7 @@ def test_bad_peft_folders_fail_clearly(gpt2_dir, tmp_path):
         import_peft(tmp_path / "loraft", model)
     for changes, message in [
         (dict(peft_type="LOHA"), "PEFT type 'LOHA' is not supported"),
-        (dict(use_dora=True), "use_dora=True is not supported"),
+        (dict(use_qalora=True), "use_qalora=True is not supported"),
         (dict(bias="all"), "trains biases"),
         (dict(init_lora_weights="pissa"), "changes the base weights"),
     ]:

@@ -22,31 +22,25 @@ from .lora import (
     adapter_state,
     add_module_to_save,
     apply_lora,
-    base_parameters,
+    base_fingerprint,
+    saved_adapter,
 )
 from .models import family_of
-from .weights import weights_fingerprint
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
 FORMAT = "loraft-adapter/1"
 
-
-def base_fingerprint(model: nn.Module) -> str:
-    if not hasattr(model, "fingerprint"):
-        model.fingerprint = weights_fingerprint(base_parameters(model))
-    return model.fingerprint
-
-
 TRAINED_PREFIX = "base."  # base parameters trained in place by the non-LoRA baselines (--method full, ...)
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors as saved (fp32): for the untouched base (lora.saved_adapter)."""
     tensors = {
         TRAINED_PREFIX + param_name: model.get_parameter(param_name).detach().float().contiguous()
         for param_name in adapter_state(model).configs[name].get("trained_parameters", [])
     }
-    tensors |= {key: p.detach().float().contiguous() for key, p in adapter_params(model, name).items()}
+    tensors |= {key: t.float().contiguous() for key, t in saved_adapter(model, name)[1].items()}
     return tensors
 
 
@@ -65,11 +59,15 @@ def save_adapter(model: nn.Module, folder, name: str = "default", **task) -> Pat
         "base_fingerprint": base_fingerprint(model),
         "architecture": family_of(model).name,
         "base_config": vars(model.config),
-        **state.configs[name],
+        **saved_adapter(model, name)[0],
         **task,
     }
-    tensors = adapter_tensors(model, name)
-    check_finite(tensors, f"adapter {name!r}: not written to {folder}")
+    return write_adapter(folder, meta, adapter_tensors(model, name))
+
+
+def write_adapter(folder: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """adapter.safetensors and adapter.json into `folder`, each file replaced whole."""
+    check_finite(tensors, f"adapter {meta['name']!r}: not written to {folder}")
     atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     write_json(folder / CONFIG_FILE, meta)
     return folder
@@ -98,6 +96,18 @@ SCHEMA = {
     "scaling": (str, False),
     "dropout": (NUMBER, False),
     "variant": (str, False),
+    "init": (str, False),
+    "lora_plus_ratio": (NUMBER, False),
+    "init_r": (int, False),
+    "tinit": (int, False),
+    "tfinal": (int, False),
+    "delta_t": (int, False),
+    "beta1": (NUMBER, False),
+    "beta2": (NUMBER, False),
+    "orth_reg_weight": (NUMBER, False),
+    "total_step": (int, False),
+    "converted_from": (dict, False),
+    "combined": (dict, False),
     "task": (str, False),
     "label_names": (TEXTS, False),
     "template": (str, False),
@@ -125,9 +135,13 @@ def check_schema(meta: dict, file: Path):
             raise LoraftError(f"{file}: {key!r} must be {KIND_NAMES[kind]}, not {json.dumps(value)[:60]}")
     if lora_keys:
         try:
-            LoraConfig.of_adapter(meta)
+            config = LoraConfig.of_adapter(meta)
         except LoraftError as e:
             raise LoraftError(f"{file}: {e}") from None
+        if config.changes_base:  # loading it would take its part out of the base again
+            raise LoraftError(
+                f"{file}: init {config.init!r} changes the base weights; a saved adapter is its plain LoRA form (init 'default')"
+            )
     if meta.get("max_length") is not None and meta["max_length"] < 1:
         raise LoraftError(f"{file}: 'max_length' must be at least 1, not {meta['max_length']}")
     for module, spec in meta["modules_to_save"].items():
@@ -181,7 +195,7 @@ def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], f
             f"adapter {folder} was trained on {meta['base_model']} with other weights than the loaded "
             f"{getattr(model, 'name', 'model')} (fingerprint {meta['base_fingerprint']} != {base_fingerprint(model)})"
         )
-    rank = meta["rank"] if meta["target_modules"] else 0
+    lora = LoraConfig.of_adapter(meta) if meta["target_modules"] else None
     for module_name in meta["target_modules"]:
         try:
             module = model.get_submodule(module_name)
@@ -190,7 +204,7 @@ def check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], f
         linear = module.base if isinstance(module, LoRALinear) else module
         if not isinstance(linear, LINEAR_LAYERS):
             raise LoraftError(f"adapter {folder} targets {module_name}, which is not a linear layer in this model")
-        for part, shape in VARIANTS[meta.get("variant", "lora")].shapes(linear, rank).items():
+        for part, shape in VARIANTS[lora.variant].shapes(linear, lora).items():
             tensor = tensors.get(f"{module_name}.{part}")
             if tensor is None or tuple(tensor.shape) != shape:
                 got = None if tensor is None else tuple(tensor.shape)
@@ -238,7 +252,7 @@ def load_adapter(model: nn.Module, folder, name: str | None = None) -> dict:
             param.copy_(tensors[TRAINED_PREFIX + param_name].to(param.dtype))
         for key, param in adapter_params(model, name).items():
             param.copy_(tensors[key])
-    keys = ("rank", "alpha", "scaling", "dropout", "variant", "targets", "target_modules", "modules_to_save")
-    keys += ("trained_parameters",)
+    keys = (*LoraConfig.__dataclass_fields__, "target_modules", "modules_to_save", "trained_parameters")
+    keys += ("total_step", "converted_from", "combined")
     adapter_state(model).configs[name] = {k: meta[k] for k in keys if k in meta}
     return meta

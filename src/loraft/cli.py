@@ -158,8 +158,11 @@ def lora_config(args):
     """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: its grid gives them)."""
     from .lora import LoraConfig
 
+    adalora = {field: getattr(args, f"adalora_{field}") for field in ("init_r", "tinit", "tfinal", "delta_t")}
     return LoraConfig(
-        **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)])
+        **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)]),
+        **flags(args, "variant", "init", "lora_plus_ratio"),
+        **adalora,
     )
 
 
@@ -258,6 +261,19 @@ def cmd_export(args):
 def cmd_export_peft(args):
     args.format, args.dtype, args.weights = "peft", None, None
     cmd_export(args)
+
+
+def cmd_combine(args):
+    from .combine import combine
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise LoraftError(
+            f"--weights takes comma-separated numbers, one per --adapter, e.g. 0.7,0.3; got {args.weights!r}"
+        ) from None
+    out = combine(args.adapter, weights, args.method, args.out, args.density, args.rank, args.seed, args.overwrite)
+    print(f"adapter of {len(args.adapter)} combined by {args.method} written to {out}")
 
 
 def cmd_import_peft(args):
@@ -492,6 +508,27 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --out once the new export is complete")
     x.set_defaults(run=cmd_export_peft)
 
+    from .combine import METHODS
+
+    b = sub.add_parser(
+        "combine", help="one adapter from several of one base and task, as PEFT's add_weighted_adapter makes it"
+    )
+    b.add_argument("--adapter", action="append", required=True, help="an adapter folder (repeat for each)")
+    b.add_argument("--weights", required=True, help="one weight per --adapter, comma-separated, e.g. 0.7,0.3")
+    b.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS,
+        help="cat: the exact weighted sum of the updates (the ranks add up); linear, ties, dare_linear, dare_ties: "
+        "A's and B's merged apart, at their rank; *_svd and svd: the updates merged, then cut to --rank by SVD",
+    )
+    b.add_argument("--density", type=float, help="ties and dare: the fraction of each tensor's entries kept")
+    b.add_argument("--rank", type=int, help="svd methods: the rank to cut back to (default: the largest)")
+    b.add_argument("--seed", type=int, default=0, help="dare: the seed of its random draws (default 0)")
+    b.add_argument("--out", required=True, help="the adapter folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace --out once the new adapter is complete")
+    b.set_defaults(run=cmd_combine)
+
     m = sub.add_parser("import-peft", help="read a Hugging Face PEFT LoRA folder into a loraft adapter folder")
     m.add_argument("--peft", required=True, help="folder with adapter_config.json and adapter_model.safetensors")
     add_model_flags(m)
@@ -535,7 +572,9 @@ def add_classifier_flags(parser):
 
 
 def add_lora_flags(parser):
-    """Where LoRA goes and how it is scaled: the same for classifiers and instruction tuning."""
+    """Where LoRA goes, how it is scaled, its variant and init: the same for classifiers and instruction tuning."""
+    from .lora import VARIANTS
+
     parser.add_argument("--scaling", default="standard", choices=["book", "standard", "rslora"])
     parser.add_argument(
         "--targets",
@@ -544,6 +583,33 @@ def add_lora_flags(parser):
         help="q k v o mlp head attention all-linear (BLOOM: query_key_value o mlp head ...), or globs",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    parser.add_argument(
+        "--variant",
+        default="lora",
+        choices=list(VARIANTS),
+        help="lora (default); dora: a trained magnitude per output channel over the direction of W + BA "
+        "(PEFT's use_dora); adalora: the SVD form P diag(E) Q, ranks pruned by importance while training",
+    )
+    parser.add_argument(
+        "--init",
+        default="default",
+        metavar="INIT",
+        help="where A and B start: default (B = 0), gaussian, pissa (W's top singular vectors, taken out of W), "
+        "pissa-niter-N (the same by a fast randomised SVD of N iterations), olora (W's QR); PiSSA and OLoRA "
+        "adapters are saved as plain LoRA of twice the rank, for the untouched base",
+    )
+    parser.add_argument(
+        "--lora-plus-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="LoRA+: B learns at R times the learning rate of A (16 is LoRA+'s and PEFT's usual; default 0: off)",
+    )
+    add = parser.add_argument_group("AdaLoRA (--variant adalora; --rank is the average rank it keeps)").add_argument
+    add("--adalora-init-r", type=int, help="every layer's rank at the start (default 1.5 x --rank)")
+    add("--adalora-tinit", type=int, metavar="STEPS", help="steps before ranks are cut (default 10%% of the steps)")
+    add("--adalora-tfinal", type=int, metavar="STEPS", help="last steps, with the final ranks (default 30%%)")
+    add("--adalora-delta-t", type=int, default=1, metavar="STEPS", help="steps between allocations (default 1)")
 
 
 def add_quantize_flag(parser, what: str):

@@ -144,6 +144,15 @@ def train_classifier(
     """Fine-tune `model` into a classifier of `data`; write the adapter, metrics, report and plots to `out`."""
     lora_config = lora_config or lora.LoraConfig()
     options = {k: v for k, v in locals().items() if k not in ("train", "lora_config")} | lora_config.as_dict()
+    plain = lora.LoraConfig()
+    if method != "lora" and (lora_config.variant, lora_config.init, lora_config.lora_plus_ratio) != (
+        plain.variant,
+        plain.init,
+        plain.lora_plus_ratio,
+    ):
+        raise LoraftError(
+            f"--variant, --init and --lora-plus-ratio shape a LoRA: they need --method lora, not {method}"
+        )
     fmt = TextFormat(template, max_length, pooling)
     seed = (train or TrainConfig()).seed
     dataset = load_data(data, data_file, text_column, label_column, val_file, test_file, seed, data_from_uci)

@@ -191,8 +191,11 @@ class InstructionJob:
 
     def measure(self, model, tokenizer, cfg: TrainConfig, before: dict | None) -> dict:
         """Losses on the validation and test splits and the answers to the test instructions, of the base
-        model alone (before) or with the trained adapter merged (after)."""
-        if before is None:
+        model alone (before) or with the trained adapter merged (after). Before, a new adapter adds
+        nothing, or (PiSSA, OLoRA) gives back what its init took out of the base weights: it is left
+        out where it adds nothing, for speed."""
+        base_alone = before is None and not lora.base_changed(model)
+        if base_alone:
             lora.set_active(model, None)
         losses = {
             split: split_loss(
@@ -203,7 +206,7 @@ class InstructionJob:
         generated_at = time.perf_counter()
         answers = generate_answers(model, tokenizer, {"template": self.template}, self.data.test, self.max_new_tokens)
         seconds = time.perf_counter() - generated_at
-        if before is None:
+        if base_alone:
             lora.set_active(model, "default")
         scores = answer_scores(answers, [e.gold_answers for e in self.data.test])
         return {**losses, "answers": scores, "generated": answers, "generation_seconds": seconds}

@@ -113,6 +113,11 @@ def run_job(
             f"--quantize {cfg.quantize} keeps the base frozen in {cfg.quantize}, and this --method trains base "
             f"weights, which quantized weights cannot be: use --method lora or head, or --quantize none"
         )
+    if cfg.quantize != "none" and lora_config.changes_base:
+        raise LoraftError(
+            f"--init {lora_config.init} takes its part out of the base weights, which --quantize {cfg.quantize} "
+            f"keeps frozen in fewer bits: use --init default or gaussian, or --quantize none"
+        )
     out = Path(out)
     config = json.loads(json.dumps({**options, "train": asdict(cfg)}, default=str))
     with claimed(out, config, resume, overwrite) as main:
@@ -141,7 +146,8 @@ def run_job(
         def save(m):
             return save_adapter(m, out / "adapter", **adapter_meta)
 
-        trainer = Trainer(base, task.trainer_task(tokenizer, cfg), cfg, out, on_best=save, quiet=quiet)
+        trainer_task, hook = task.trainer_task(tokenizer, cfg), lora.AdapterTraining(base)
+        trainer = Trainer(base, trainer_task, cfg, out, on_best=save, quiet=quiet, hook=hook)
         if not quiet:
             counts = lora.parameter_summary(base)
             print(

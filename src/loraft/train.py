@@ -99,6 +99,31 @@ class Task(Protocol):
     def batch_tokens(self, batch) -> int: ...
 
 
+class StepHook:
+    """What the trained thing asks of the loop beyond its loss's gradient, at four points: before the
+    first step, the optimizer's parameter groups, a penalty added to the loss, and a call after each
+    step (lora.AdapterTraining: LoRA+'s learning rates, AdaLoRA's orthogonality penalty and rank
+    allocation); its state goes into checkpoints. This one asks nothing."""
+
+    def start(self, total_steps: int):
+        pass
+
+    def param_groups(self, params: dict[str, nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+        return [{"params": list(params.values())}]
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, step: int):
+        """After optimizer step `step` (counted from 0), before its gradients are cleared."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
 class TaskLoss(nn.Module):
     """The task's loss as a module's forward: DistributedDataParallel synchronises gradients only for
     a backward pass that follows its own forward, and tasks call model parts, not model.forward."""
@@ -245,11 +270,12 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False):
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, out: Path, on_best=None, quiet=False, hook=None):
         check_config(cfg)
         self.model, self.task, self.cfg, self.out = model, task, cfg, Path(out)
         self.on_best = on_best  # called with the model whenever validation improves (saves the adapter)
         self.quiet = quiet
+        self.hook = hook or StepHook()
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise LoraftError("nothing to train: no parameter requires a gradient")
@@ -260,13 +286,15 @@ class Trainer:
         if self.world > 1:  # synchronises the parameters that require a gradient, and only those
             # buffers (RoPE tables, a quantized base) are the same everywhere from loading: never broadcast
             self.task_loss = DistributedDataParallel(self.task_loss, broadcast_buffers=False)
-        # fused: one kernel updates every tensor. On a CPU PyTorch's default is a Python loop over the
-        # tensors, and LoRA trains hundreds of small ones.
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.steps_per_epoch = math.ceil(len(task.train_batches(0, cfg.batch_size)) / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.hook.start(self.total_steps)
+        # fused: one kernel updates every tensor. On a CPU PyTorch's default is a Python loop over the
+        # tensors, and LoRA trains hundreds of small ones.
+        groups = self.hook.param_groups(self.params, cfg.lr, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         warmup = round(cfg.warmup * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total_steps, warmup, cfg.schedule)
@@ -289,6 +317,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "state": asdict(self.progress),
             "config": asdict(self.cfg),
+            "hook": self.hook.state_dict(),
         }
         atomic_write(self.checkpoint_file, lambda tmp: torch.save(checkpoint, tmp))
         self.checkpoint_step = self.progress.step
@@ -316,6 +345,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+        self.hook.load_state_dict(ckpt.get("hook", {}))
         self.progress = Progress.from_checkpoint(ckpt["state"])
         self.checkpoint_step = self.progress.step
         # Rows logged after the checkpoint will be logged again.
@@ -417,6 +447,7 @@ class Trainer:
             p.correct += int(correct)
             p.count += int(count)
             self.optimizer.step()
+            self.hook.after_step(p.step)
         else:
             self.skip_nonfinite_step(loss_sum, float(norm))
         self.scheduler.step()
@@ -436,8 +467,10 @@ class Trainer:
             with self.sync_gradients(last=i == len(group) - 1):
                 with bf16_autocast(self.device, self.cfg.bf16):
                     loss, stats = self.task_loss(rows)
+                penalty = self.hook.penalty()  # fp32; the logged loss is the task's alone
+                objective = loss if penalty is None else loss + penalty
                 # Weighted by examples; DDP averages over processes, hence the world size.
-                (loss * n / examples * self.world).backward()
+                (objective * n / examples * self.world).backward()
             if n:
                 loss_sum += loss.item() * n / examples
                 correct += stats.get("correct", 0)
