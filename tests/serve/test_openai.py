@@ -2,6 +2,7 @@
 instruction adapters (Alpaca and chat template, random non-zero B), fp32 (--no-bf16) so that the
 served answers can be compared with `loraft generate`, whose adapter is merged into the weights."""
 
+import copy
 import threading
 import time
 
@@ -12,7 +13,7 @@ import torch
 
 from loraft import lora
 from loraft.adapters import save_adapter
-from loraft.instruct import load_instruct, respond
+from loraft.instruct import respond
 
 from ..helpers import loraft
 from .conftest import serving
@@ -22,10 +23,10 @@ QUESTION = "Name three primary colors."
 
 
 @pytest.fixture(scope="module")
-def adapters(smollm2, tmp_path_factory):
-    """ "qa" (Alpaca template, LoRA on every linear layer) and "chatty" (the model's chat template, q and v)."""
-    import copy
-
+def reference(smollm2, tmp_path_factory):
+    """A fp32 copy of SmolLM2 with two instruction adapters, each also saved to a folder: "qa" (Alpaca
+    template, LoRA on every linear layer) and "chatty" (the model's chat template, q and v).
+    Returns (model, tokenizer, {name: folder})."""
     model = copy.deepcopy(smollm2[0])
     folder = tmp_path_factory.mktemp("instruction-adapters")
     for seed, (name, template, targets) in enumerate(
@@ -37,7 +38,13 @@ def adapters(smollm2, tmp_path_factory):
             if isinstance(module, lora.LoRALinear) and name in module.lora_B:
                 torch.nn.init.normal_(module.lora_B[name], std=0.01)
         save_adapter(model, folder / name, name, task="instruction", template=template, max_length=256)
-    return {"qa": folder / "qa", "chatty": folder / "chatty"}
+    model.requires_grad_(False)
+    return model, smollm2[1], {"qa": folder / "qa", "chatty": folder / "chatty"}
+
+
+@pytest.fixture(scope="module")
+def adapters(reference):
+    return reference[2]
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +71,20 @@ def streamed(client, model, content=QUESTION, **options) -> tuple[str, list]:
 
 def test_a_chat_completion_and_its_stream_equal_loraft_generate(client, adapters):
     expected = loraft(
-        "generate", "--adapter", str(adapters["qa"]), "--prompt", QUESTION, "--max-new-tokens", "40", "--no-bf16"
+        "generate", "--adapter", str(adapters["qa"]), "--prompt", QUESTION, "--max-new-tokens", "32", "--no-bf16"
     )
     assert expected.returncode == 0, expected.stderr
     expected = expected.stdout.strip()
     assert len(expected.split()) > 4
 
-    reply = chat(client, "qa", max_tokens=40)
+    reply = chat(client, "qa", max_tokens=32)
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].message.role == "assistant" and reply.model == "qa" and reply.object == "chat.completion"
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert reply.usage.prompt_tokens > 30  # the Alpaca prompt around the question
 
-    text, chunks = streamed(client, "qa", max_tokens=40, stream_options={"include_usage": True})
+    text, chunks = streamed(client, "qa", max_tokens=32, stream_options={"include_usage": True})
     assert text == expected
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
     assert len(chunks) > 5  # token by token, not one piece
@@ -85,10 +92,10 @@ def test_a_chat_completion_and_its_stream_equal_loraft_generate(client, adapters
     assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
 
 
-def test_a_chat_template_adapter_answers_as_loraft_does(client, adapters):
-    model, tokenizer, meta = load_instruct(adapters["chatty"], bf16=False)
-    assert meta["template"] == "chat"
-    expected = respond(model, tokenizer, meta, QUESTION, "", 30)
+def test_a_chat_template_adapter_answers_as_loraft_does(client, reference):
+    model, tokenizer, _ = reference
+    lora.set_active(model, "chatty")
+    expected = respond(model, tokenizer, {"template": "chat"}, QUESTION, "", 30)
     assert chat(client, "chatty", max_tokens=30).choices[0].message.content == expected
     base = chat(client, "smollm2-135m", max_tokens=30).choices[0].message.content
     assert base and base != expected  # the base model answers in the same chat template, without the adapter
@@ -140,22 +147,21 @@ def test_text_completions_stop_at_a_stop_string_streamed_or_not(client):
 
 
 def test_sampling_with_a_seed_repeats(client):
-    options = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    options = dict(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     first, second = (chat(client, "qa", **options).choices[0].message.content for _ in range(2))
     assert first == second
-    others = {chat(client, "qa", **{**options, "seed": seed}).choices[0].message.content for seed in range(3)}
-    assert len(others) > 1
+    assert chat(client, "qa", **{**options, "seed": 8}).choices[0].message.content != first
 
 
 def test_past_the_queue_bound_503_and_those_admitted_lose_nothing(client, server):
     """--max-queue 4: of 8 streams at once, 4 are admitted and answered whole, 4 refused with Retry-After."""
-    alone = chat(client, "qa", max_tokens=16).choices[0].message.content
+    alone = chat(client, "qa", max_tokens=8).choices[0].message.content
     results, start = [], threading.Barrier(8)
 
     def ask():
         start.wait()
         try:
-            results.append(streamed(client, "qa", max_tokens=16)[0])
+            results.append(streamed(client, "qa", max_tokens=8)[0])
         except openai.APIStatusError as e:
             results.append(e)
 
