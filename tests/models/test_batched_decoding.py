@@ -67,7 +67,7 @@ def assert_each_row_as_alone(model, per_row=None):
             torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
-FAMILIES = ["llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "phi-4-mini", "gemma-3-270m", "gemma-3-1b"]
+FAMILIES = ["llama-3.2-1b", "mistral-7b-v0.1", "qwen2.5-0.5b", "qwen3-0.6b", "phi-4-mini", "gemma-3-270m", "gemma-3-1b"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -10,11 +10,14 @@ import time
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from loraft import lora
 from loraft.adapters import save_adapter
 from loraft.generate import generate
 from loraft.models import load_model
+from loraft.serve.app import Limits, create_app
+from loraft.serve.registry import load_served
 
 from ..helpers import loraft, randomise
 from .conftest import serving
@@ -200,6 +203,22 @@ def test_adapters_are_loaded_only_from_the_adapter_dirs_and_removed_while_servin
     assert gone.status_code == 404 and "no model named 'extra'" in gone.json()["error"]["message"]
     assert http.delete("/v1/adapters/extra").status_code == 404
     still_serving(http)
+
+
+def test_past_its_deadline_a_request_is_answered_504_and_its_work_stops(folders, tiny_gpt2_weights):
+    """--timeout-s: a deadline shorter than any answer (in process: the same app, worker and model)."""
+    allowed, _ = folders
+    served = load_served({"echo": allowed / "echo"}, weights=tiny_gpt2_weights, bf16=False)
+    with TestClient(create_app(served, Limits(timeout_s=1e-6))) as client:
+        reply = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 32})
+        assert reply.status_code == 504 and reply.json()["error"]["type"] == "timeout"
+        assert (
+            "ran past its deadline of 1e-06 s (--timeout-s); its work was cancelled" in reply.json()["error"]["message"]
+        )
+        events = client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text.split("\n\n")
+        assert '"timeout"' in events[-3] and events[-2] == "data: [DONE]"  # the stream ends with the error
+        health = client.get("/healthz").json()
+        assert health["in_flight"] == 0 and health["generate_requests"] == 0  # none ran to its end
 
 
 def raw(server, data: bytes) -> socket.socket:

@@ -50,6 +50,7 @@ def adapters(reference):
 @pytest.fixture(scope="module")
 def server(adapters):
     flags = [f"--adapter=qa={adapters['qa']}", f"--adapter=chatty={adapters['chatty']}", "--no-bf16"]
+    flags += ["--adapter-dir", str(adapters["qa"].parent)]
     with serving(*flags, "--api-key", KEY, "--max-queue", "4", "--max-batch", "2") as server:
         yield server
 
@@ -192,3 +193,26 @@ def test_a_client_that_goes_away_stops_its_generation(client, server):
         time.sleep(0.1)
     assert health["generate_requests"] == before["generate_requests"]  # cancelled, not ended
     assert health["generated_tokens"] - before["generated_tokens"] < 100  # not the 200 asked for
+
+
+def test_an_adapter_removed_while_serving_finishes_its_requests_first(client, server):
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert http.post("/v1/adapters", json={"name": "qa2", "path": "qa"}).status_code == 201
+    alone = chat(client, "qa2", max_tokens=24).choices[0].message.content
+    assert alone == chat(client, "qa", max_tokens=24).choices[0].message.content  # the same files
+    answer, ended = {}, {}
+
+    def ask():
+        answer["text"] = streamed(client, "qa2", max_tokens=24)[0]
+        ended["stream"] = time.monotonic()
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    while not httpx.get(server.url + "/healthz").json()["running"]:
+        time.sleep(0.01)
+    assert http.delete("/v1/adapters/qa2").json() == {"deleted": "qa2"}
+    ended["delete"] = time.monotonic()
+    asking.join(timeout=120)
+    assert answer["text"] == alone and ended["stream"] <= ended["delete"]
+    with pytest.raises(openai.NotFoundError, match="no model named 'qa2'"):
+        chat(client, "qa2", max_tokens=4)

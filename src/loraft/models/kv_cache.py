@@ -13,17 +13,26 @@ class LayerCache:
         self.keys = keys
         self.values = values
         self.padding = padding  # (batch,) columns of left padding per row; None: no row is padded
+        self.room = None  # buffers that keys and values are the first columns of
 
     @property
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor):
-        if self.keys is not None:
-            keys = torch.cat([self.keys, keys], dim=2)
-            values = torch.cat([self.values, values], dim=2)
-        self.keys, self.values = keys, values
-        return keys, values
+        """Add the new positions' keys and values; returns all of them. The cache keeps room to grow,
+        so a step writes its own columns instead of copying everything held so far."""
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            return keys, values
+        length, end = self.length, self.length + keys.shape[2]
+        if self.room is None or end > self.room[0].shape[2]:
+            capacity = end + max(16, end // 2)
+            self.room = [x.new_empty(*x.shape[:2], capacity, x.shape[3]) for x in (self.keys, self.values)]
+            self.room[0][:, :, :length], self.room[1][:, :, :length] = self.keys, self.values
+        self.room[0][:, :, length:end], self.room[1][:, :, length:end] = keys, values
+        self.keys, self.values = self.room[0][:, :, :end], self.room[1][:, :, :end]
+        return self.keys, self.values
 
     def left_padded(self, length: int) -> "LayerCache":
         """The same rows, `length` columns long."""

@@ -203,7 +203,11 @@ class Run:
         task = asyncio.ensure_future(awaitable)
         others = {self.disconnected} if self.disconnected else set()
         remaining = max(0.0, self.deadline - asyncio.get_running_loop().time())
-        done, _ = await asyncio.wait({task, *others}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({task, *others}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # a stream whose client went away
+            task.cancel()
+            raise
         if task in done:
             return task.result()
         task.cancel()

@@ -143,6 +143,8 @@ class Worker:
     def accept(self, job):
         if isinstance(job, Generate):
             self.waiting.append(job)
+        elif not job.future.set_running_or_notify_cancel():  # its request gave up first (once running, it cannot)
+            return
         elif isinstance(job, Classify):
             try:
                 job.token_lists = self.served.adapters[job.adapter].format.encode(self.served.tokenizer, job.texts)
