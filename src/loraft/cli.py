@@ -572,8 +572,8 @@ def parser() -> argparse.ArgumentParser:
         "--max-batch-tokens",
         type=int,
         default=1024,
-        help="most tokens of texts to classify, or of new prompts, in one forward pass (default 1024): "
-        "large requests are split and interleave with others",
+        help="most tokens of texts to classify in one forward pass, and of new prompts run in one step "
+        "(default 1024): large requests are split and interleave with others",
     )
     s.add_argument("--max-tokens", type=int, default=256, help="most tokens one request may generate (default 256)")
     s.add_argument(
