@@ -134,7 +134,7 @@ BAD_INPUTS = {
     "classify-with-instruction-adapter": (
         post_json("/v1/classify", {**GOOD, "adapter": "qa"}),
         400,
-        "use /v1/generate",
+        "use /v1/chat/completions or /v1/generate",
     ),
     "body-too-large": (post_json("/v1/classify", {**GOOD, "texts": ["x" * 190] * 11}), 413, "over 2000 bytes"),
     "generate-with-classifier": (

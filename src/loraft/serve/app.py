@@ -297,8 +297,8 @@ def create_app(
             state = "is being removed" if adapter else "is not loaded"
             raise HTTPException(404, f"adapter {name!r} {state}; loaded: {', '.join(served.adapters) or 'none'}")
         if adapter.task != task:
-            endpoint = "/v1/classify" if adapter.task == "classification" else "/v1/chat/completions"
-            raise HTTPException(400, f"adapter {name!r} is a {adapter.task} adapter: use {endpoint}")
+            endpoint = "/v1/classify" if adapter.task == "classification" else "/v1/chat/completions or /v1/generate"
+            raise HTTPException(400, f"adapter {name!r} is for {adapter.task}: use {endpoint}")
         return adapter
 
     def model_for(name: str) -> ServedAdapter | None:
