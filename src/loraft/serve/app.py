@@ -293,9 +293,10 @@ def create_app(
 
     def adapter_for(name: str, task: str) -> ServedAdapter:
         adapter = served.adapters.get(name)
-        if adapter is None or name in app.state.admission.removing:
-            state = "is being removed" if adapter else "is not loaded"
-            raise HTTPException(404, f"adapter {name!r} {state}; loaded: {', '.join(served.adapters) or 'none'}")
+        if adapter is None:
+            raise HTTPException(404, f"no adapter named {name!r}; loaded: {', '.join(served.adapters) or 'none'}")
+        if name in app.state.admission.removing:
+            raise HTTPException(404, f"adapter {name!r} is being removed")
         if adapter.task != task:
             endpoint = "/v1/classify" if adapter.task == "classification" else "/v1/chat/completions or /v1/generate"
             raise HTTPException(400, f"adapter {name!r} is for {adapter.task}: use {endpoint}")
@@ -518,7 +519,7 @@ def create_app(
         """Remove adapter `name`: it takes no new request, and its requests in flight finish first."""
         admission = app.state.admission
         if name not in served.adapters or name in admission.removing:
-            raise HTTPException(404, f"adapter {name!r} is not loaded")
+            raise HTTPException(404, f"no adapter named {name!r}; loaded: {', '.join(served.adapters) or 'none'}")
         try:
             await admission.drain(name)
             await asyncio.wrap_future(app.state.worker.submit(AdapterChange(name)))
