@@ -339,3 +339,23 @@ def test_a_variant_is_one_class_and_a_registry_line(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded(IDS), logits)  # fp32 sums in another order
         lora.unmerge(loaded)
         torch.testing.assert_close(loaded.trf_blocks[0].att.W_query.base.weight, weight, atol=1e-6, rtol=0)
+
+
+def test_deleting_an_adapter_leaves_the_others_as_they_were():
+    model = tiny_llama()
+    for name, seed in [("one", 1), ("two", 2)]:
+        torch.manual_seed(seed)
+        lora.apply_lora(model, rank=4, targets=["all-linear"], name=name)
+        lora.add_module_to_save(model, "out_head", nn.Linear(48, 2, bias=False), name=name)
+        train_a_few_steps_cls(model)
+    lora.set_active(model, "two")
+    two = model(IDS).detach()
+    lora.set_per_row(model, ["one", "two", "one"])
+    lora.delete_adapter(model, "one")
+    assert lora.adapter_names(model) == ["two"] and "one" not in lora.adapter_state(model).configs
+    assert lora.adapter_state(model).per_row is None  # no routing to an adapter that is gone
+    assert not any("one" in name.split(".") for name, _ in model.named_parameters())
+    lora.set_active(model, "two")
+    assert torch.equal(model(IDS), two)
+    with pytest.raises(LoraftError, match="no adapter named 'one'"):
+        lora.delete_adapter(model, "one")

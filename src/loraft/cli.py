@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import LoraftError
 
@@ -39,7 +40,7 @@ def cmd_generate(args):
         instruction = args.instruction or args.prompt
         if not instruction:
             raise LoraftError("give the instruction with --prompt or --instruction")
-        model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize)
+        model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize, fp32_or_default(args))
         sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         print_stream(
             tokenizer,
@@ -65,6 +66,11 @@ def cmd_generate(args):
     ):
         tokens.append(token)
     print(args.prompt + tokenizer.decode(tokens))
+
+
+def fp32_or_default(args) -> bool | None:
+    """--no-bf16: the base in fp32; else None, bf16 where it runs natively."""
+    return False if args.no_bf16 else None
 
 
 def print_stream(tokenizer, tokens):
@@ -96,7 +102,7 @@ def cmd_chat(args):
 
     if args.max_new_tokens < 1:
         raise LoraftError("--max-new-tokens must be at least 1")
-    model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize)
+    model, tokenizer, meta = load_instruct(args.adapter, args.weights, args.quantize, fp32_or_default(args))
     print(
         f"{meta['base_model']} + {args.adapter} ({meta['template']} template). One instruction per line; an empty line or Ctrl-D ends."
     )
@@ -301,32 +307,69 @@ def cmd_import_peft(args):
 
 
 def cmd_serve(args):
+    import os
     import socket
 
     try:
-        import uvicorn
-
         from .serve.app import Limits, create_app
         from .serve.registry import load_served, parse_adapter_specs
+        from .serve.server import server
     except ImportError as e:
         raise LoraftError(f"`loraft serve` needs the serve extra ({e}): pip install 'loraft[serve]'") from None
     folders = parse_adapter_specs(args.adapter)
-    if args.max_batch < 1 or args.batch_window_ms < 0:
-        raise LoraftError("--max-batch must be at least 1 and --batch-window-ms at least 0")
+    numbers = {
+        "--max-batch": args.max_batch,
+        "--max-batch-tokens": args.max_batch_tokens,
+        "--max-queue": args.max_queue,
+    }
+    numbers |= {"--max-connections": args.max_connections, "--max-tokens": args.max_tokens}
+    numbers |= {"--timeout-s": args.timeout_s, "--read-timeout-s": args.read_timeout_s}
+    for flag, value in numbers.items():
+        if not value > 0:
+            raise LoraftError(f"{flag} must be above 0")
+    if args.batch_window_ms < 0:
+        raise LoraftError("--batch-window-ms must be at least 0")
+    adapter_dirs = tuple(Path(d) for d in args.adapter_dir)
+    for folder in adapter_dirs:
+        if not folder.is_dir():
+            raise LoraftError(f"--adapter-dir {folder}: no such folder")
+    api_key = args.api_key or os.environ.get("LORAFT_API_KEY") or None
+    if not api_key and not args.insecure and not loopback(args.host):
+        raise LoraftError(
+            f"--host {args.host} listens beyond this machine: give --api-key KEY (or set LORAFT_API_KEY), "
+            f"or --insecure to serve without one"
+        )
     listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((args.host, args.port))
     except OSError as e:
         raise LoraftError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    app = create_app(load_served(folders, args.quantize), Limits(), args.batch_window_ms, args.max_batch)
-    host, port = listener.getsockname()[:2]
-    print(
-        f"loraft: serving {', '.join(folders)} on http://{host}:{port}/ (API docs at /docs)",
-        file=sys.stderr,
-        flush=True,
+    limits = Limits(
+        max_new_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout_s,
+        read_timeout_s=args.read_timeout_s,
+        max_connections=args.max_connections,
     )
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+    served = load_served(folders, args.quantize, args.model, args.weights, fp32_or_default(args))
+    app = create_app(served, limits, args.batch_window_ms, args.max_batch, args.max_batch_tokens, api_key, adapter_dirs)
+    host, port = listener.getsockname()[:2]
+    names = ", ".join([served.model.name, *served.adapters])
+    print(f"loraft: serving {names} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
+    server(app, limits).run(sockets=[listener])
+
+
+def loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's own loopback."""
+    import ipaddress
+    import socket
+
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def add_data_flags(parser):
@@ -388,6 +431,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     add_quantize_flag(g, "run")
+    add_inference_bf16_flag(g)
     g.set_defaults(run=cmd_generate)
 
     i = sub.add_parser("info", help="module tree and total/trainable/frozen parameter counts")
@@ -483,6 +527,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--adapter", required=True)
     h.add_argument("--weights", help=WEIGHTS_HELP)
     add_quantize_flag(h, "run")
+    add_inference_bf16_flag(h)
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.set_defaults(run=cmd_chat)
 
@@ -537,8 +582,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--max-length", type=int, default=128)
     m.set_defaults(run=cmd_import_peft)
 
-    s = sub.add_parser("serve", help="an HTTP API and a web page over one base model with several adapters")
+    s = sub.add_parser(
+        "serve",
+        help="an HTTP API (OpenAI's chat and completions, classification) and a web page over one base model with adapters",
+    )
+    s.add_argument("--model", help="the base model (default: the adapters' base); needed when no --adapter is given")
+    s.add_argument("--weights", help=WEIGHTS_HELP)
     add_quantize_flag(s, "serve over")
+    add_inference_bf16_flag(s)
     s.add_argument(
         "--adapter",
         action="append",
@@ -546,14 +597,64 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         help="an adapter to serve under NAME (repeat for more)",
     )
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument(
+        "--adapter-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose adapters may be loaded while serving (POST /v1/adapters); repeat for more; none: off",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; beyond loopback needs --api-key")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
-        "--batch-window-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
+        "--api-key",
+        help="every request but /healthz must send Authorization: Bearer KEY (default: $LORAFT_API_KEY)",
     )
-    s.add_argument("--max-batch", type=int, default=32, help="most texts in one forward pass (1: no batching)")
+    s.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without an API key")
+    s.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long an idle server waits for requests to batch with"
+    )
+    s.add_argument(
+        "--max-batch", type=int, default=32, help="most texts, or generated sequences, in one forward pass (default 32)"
+    )
+    s.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1024,
+        help="most tokens of texts to classify in one forward pass, and of new prompts run in one step "
+        "(default 1024): large requests are split and interleave with others",
+    )
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens one request may generate (default 256)")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="most requests held at once, waiting or running (default 256); more are answered 503 with Retry-After",
+    )
+    s.add_argument(
+        "--timeout-s",
+        type=float,
+        default=300.0,
+        help="a request's deadline (default 300): past it, 504 and its work stops",
+    )
+    s.add_argument(
+        "--read-timeout-s",
+        type=float,
+        default=10.0,
+        help="a request's headers, then its body, must arrive within this (default 10)",
+    )
+    s.add_argument("--max-connections", type=int, default=200, help="most connections open at once (default 200)")
     s.set_defaults(run=cmd_serve)
     return p
+
+
+def add_inference_bf16_flag(parser):
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="keep the base in fp32 (default: bf16 where it runs natively; an adapter merged into bf16 weights "
+        "and one run beside them round differently)",
+    )
 
 
 def add_classifier_flags(parser):

@@ -298,6 +298,7 @@ def train_instruct(
     return report and {"model": model, "data": str(data), **report}
 
 
-def load_instruct(adapter_dir, weights=None, quantize: str = "none"):
-    """(model, tokenizer, adapter metadata) ready to answer, as the training job answered its test."""
-    return load_trained(adapter_dir, "instruction", weights, quantize)
+def load_instruct(adapter_dir, weights=None, quantize: str = "none", bf16: bool | None = None):
+    """(model, tokenizer, adapter metadata) ready to answer, as the training job answered its test;
+    `bf16`: the base in bf16 (default: where it runs natively), else fp32."""
+    return load_trained(adapter_dir, "instruction", weights, quantize, bf16)

@@ -774,6 +774,25 @@ def set_per_row(model: nn.Module, per_row: list[str | None]):
     }
 
 
+def delete_adapter(model: nn.Module, name: str):
+    """Take adapter `name` off the model: its LoRA tensors and its modules to save (PEFT's delete_adapter)."""
+    state = adapter_state(model)
+    if name not in adapter_names(model):
+        raise LoraftError(f"no adapter named {name!r}; loaded: {adapter_names(model)}")
+    if state.merged == name:
+        raise LoraftError(f"adapter {name!r} is merged into the weights: unmerge it first")
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and name in module.variant:
+            for key in module.adapter_params(name):
+                del getattr(module, key)[name]
+            del module.scale[name], module.dropout[name], module.variant[name]
+        elif isinstance(module, ModuleToSave) and name in module.copies:
+            del module.copies[name]
+    state.configs.pop(name, None)
+    if state.active == name or (state.per_row is not None and name in state.per_row):
+        state.active, state.per_row, state.row_index = None, None, {}
+
+
 def merge(model: nn.Module, name: str | None = None):
     """Fold the active adapter (or `name`) into the base weights: inference at the base's speed."""
     state = adapter_state(model)

@@ -1,4 +1,11 @@
+import contextlib
 import copy
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -73,3 +80,33 @@ def served(reference):
 def client(served):
     with TestClient(create_app(served, LIMITS)) as client:
         yield client
+
+
+class Server:
+    """A `loraft serve` process on a loopback port: its URL, and what it printed."""
+
+    def __init__(self, *args: str):
+        command = [sys.executable, "-m", "loraft", "serve", "--port", "0", *args]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stderr], daemon=True).start()
+        self.printed, deadline = [], time.monotonic() + 240
+        while not any("serving" in line for line in self.printed):
+            assert self.process.poll() is None and time.monotonic() < deadline, "".join(self.printed)
+            with contextlib.suppress(queue.Empty):
+                self.printed.append(self.lines.get(timeout=1))
+        self.url = re.search(r"http://\S+/", self.printed[-1]).group(0).rstrip("/")
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def serving(*args: str):
+    server = Server(*args)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from loraft.errors import LoraftError
-from loraft.serve.registry import check_adapters, parse_adapter_specs
+from loraft.serve.registry import check_adapters, load_served, parse_adapter_specs
 
 from ..helpers import assert_clear_error, loraft
 
@@ -15,7 +15,6 @@ from ..helpers import assert_clear_error, loraft
 @pytest.mark.parametrize(
     "specs, message",
     [
-        ([], "at least one --adapter"),
         (["spam"], "expected NAME=DIR"),
         (["spam="], "expected NAME=DIR"),
         (["=runs/adapter"], "a name is letters"),
@@ -26,6 +25,11 @@ from ..helpers import assert_clear_error, loraft
 def test_bad_adapter_specs(specs, message):
     with pytest.raises(LoraftError, match=message):
         parse_adapter_specs(specs)
+
+
+def test_no_adapter_needs_the_base_model():
+    with pytest.raises(LoraftError, match="give the base model with --model, or at least one --adapter NAME=DIR"):
+        load_served({})
 
 
 def edited_copy(folder, to, **changes):

@@ -72,9 +72,11 @@ class Attention(nn.Module):
         b, t, d = x.shape
         # each head's q, k and v rows follow one another
         q, k, v = self.W_qkv(x).view(b, t, self.n_heads, 3, self.head_dim).transpose(1, 2).unbind(3)
+        padding = None
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.training, bias=bias)
+            padding = cache.padding  # a left-padded batch's (ALiBi's bias is relative: padding shifts nothing)
+        out = causal_attention(q, k, v, self.training, bias=bias, padding=padding)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 

@@ -33,6 +33,7 @@ from .llama import (
     LlamaConfig,
     apply_rope,
     renamed,
+    rope_rows,
     rope_tables,
     shared_gguf_metadata,
 )
@@ -102,11 +103,13 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_norm(k.view(b, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        padding = None
         if cache is not None:
             k, v = cache.append(k, v)  # all of them: the window is a mask, so positions stay aligned
+            padding = cache.padding
         if self.query_scale != 1:
             q = q * self.query_scale
-        out = causal_attention(q, k, v, self.training, window=self.window)
+        out = causal_attention(q, k, v, self.training, window=self.window, padding=padding)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -162,10 +165,8 @@ class Gemma3(nn.Module):
 
     def hidden_states(self, input_ids, cache: list[LayerCache] | None = None):
         """The final-normed hidden state of every position, shape (batch, tokens, emb_dim)."""
-        start = cache[0].length if cache else 0
-        end = start + input_ids.shape[1]
-        full = self.rope_cos[start:end], self.rope_sin[start:end]
-        local = self.rope_local_cos[start:end], self.rope_local_sin[start:end]
+        full = rope_rows(self.rope_cos, self.rope_sin, cache, input_ids.shape[1])
+        local = rope_rows(self.rope_local_cos, self.rope_local_sin, cache, input_ids.shape[1])
         x = self.tok_emb(input_ids)
         x = x * torch.tensor(self.config.emb_dim**0.5).to(x.dtype)  # the scale rounded to the model's dtype first
         for i, block in enumerate(self.trf_blocks):

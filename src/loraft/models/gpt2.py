@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..lora import shared_input_linears
 from ..tokenizer import GPT2Tokenizer
 from .family import Family
-from .kv_cache import LayerCache, causal_attention
+from .kv_cache import LayerCache, causal_attention, position_rows
 
 
 @dataclass
@@ -72,9 +72,11 @@ class MultiHeadAttention(nn.Module):
             y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
             for y in shared_input_linears(x, self.W_query, self.W_key, self.W_value)
         )
+        padding = None
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.training, self.drop_rate if self.training else 0.0)
+            padding = cache.padding
+        out = causal_attention(q, k, v, self.training, self.drop_rate if self.training else 0.0, padding=padding)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -126,9 +128,7 @@ class GPTModel(nn.Module):
 
     def hidden_states(self, input_ids, cache: list[LayerCache] | None = None):
         """The final-normed hidden state of every position, shape (batch, tokens, emb_dim)."""
-        start = cache[0].length if cache else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        x = self.drop_emb(self.tok_emb(input_ids) + self.pos_emb(positions))
+        x = self.drop_emb(self.tok_emb(input_ids) + position_rows(self.pos_emb.weight, cache, input_ids.shape[1]))
         for i, block in enumerate(self.trf_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)

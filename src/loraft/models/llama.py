@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import LoraftError
 from ..lora import shared_input_linears
 from .family import Family
-from .kv_cache import LayerCache, causal_attention
+from .kv_cache import LayerCache, causal_attention, position_rows
 
 
 @dataclass
@@ -88,6 +88,12 @@ def rope_tables(cfg: LlamaConfig):
     return angles.cos() * factor, angles.sin() * factor
 
 
+def rope_rows(cos, sin, cache, n_tokens: int):
+    """cos and sin of the next `n_tokens` positions, shaped to rotate (batch, heads, tokens, dim)."""
+    cos, sin = position_rows(cos, cache, n_tokens), position_rows(sin, cache, n_tokens)
+    return (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])  # a row's own positions, every head
+
+
 def apply_rope(x, cos, sin):
     """Rotate each (i, i + d/2) pair of x's first d = cos.shape[-1] dimensions by its position's angle
     (the "rotate half" layout); with partial rotary the rest of each head passes unrotated."""
@@ -121,9 +127,11 @@ class GroupedQueryAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        padding = None
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.training)
+            padding = cache.padding
+        out = causal_attention(q, k, v, self.training, padding=padding)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -193,9 +201,7 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids, cache: list[LayerCache] | None = None):
         """The final-normed hidden state of every position, shape (batch, tokens, emb_dim)."""
-        start = cache[0].length if cache else 0
-        end = start + input_ids.shape[1]
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        cos, sin = rope_rows(self.rope_cos, self.rope_sin, cache, input_ids.shape[1])
         x = self.tok_emb(input_ids)
         for i, block in enumerate(self.trf_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():

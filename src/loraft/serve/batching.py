@@ -1,21 +1,35 @@
-"""Micro-batching: one worker thread owns the model. A request waits in a queue for a few
-milliseconds, and every text to classify that arrived meanwhile, whatever its adapter, runs in the
-same forward passes (each row through its own LoRA and head). The event loop never runs the model."""
+"""The worker: one thread owns the model, and the event loop never runs it. Each turn of its loop it
+runs one micro-batch of texts to classify and one step of the generations running, so neither kind
+waits for the other to finish:
+
+- Classification: the texts of every waiting request, whatever its adapter, are taken round-robin (a
+  text of each request in turn) into a micro-batch of at most `max_batch` texts and `max_batch_tokens`
+  tokens. A large request is split over several micro-batches, and a small one that arrives after it
+  runs in the next. Each row runs through its own LoRA and head.
+- Generation (continuous batching): waiting requests join the running batch (each prompt runs alone,
+  at most `max_batch_tokens` prompt tokens a turn), then every running sequence gets its next token
+  from one forward pass, each row through its own adapter (generate.DecodeBatch); a sequence leaves
+  when it ends, or when its request is cancelled (the client went, the deadline passed).
+
+When idle, the worker waits up to `window_ms` after a request for others to batch with. Adapters are
+loaded and taken off between two turns."""
 
 import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
+from pathlib import Path
 
 import torch
 
 from .. import lora
+from ..adapters import load_adapter
 from ..classifier import classify_logits
 from ..data.classification import collate
-from ..instruct import respond
+from ..generate import DecodeBatch, next_token
 from ..models import model_device
 from ..precision import bf16_autocast
 
@@ -25,96 +39,184 @@ class Classify:
     adapter: str
     texts: list[str]
     future: Future = field(default_factory=Future)  # -> a list of probability lists, one per text
+    cancelled: bool = False  # set by the event loop: the rest is not worth computing
+    token_lists: list[list[int]] = field(default_factory=list)  # the worker's, from here on
+    probs: list = field(default_factory=list)
+    taken: int = 0  # texts put into a micro-batch so far
+
+
+@dataclass
+class Finished:
+    reason: str  # OpenAI's finish_reason: "stop" (a stop token) or "length" (max_tokens)
 
 
 @dataclass
 class Generate:
-    adapter: str
-    instruction: str
-    input: str
-    max_new_tokens: int
-    future: Future = field(default_factory=Future)  # -> the response text
+    """A sequence to generate. `emit` is called from the worker thread with each new token id, then with
+    a Finished, or with an exception if it fails."""
+
+    adapter: str | None  # None: the base model
+    prompt_ids: list[int]
+    max_tokens: int
+    stop_ids: frozenset[int]
+    emit: Callable
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    cancelled: bool = False  # set by the event loop
+    generated: int = 0  # the worker's, from here on
+    last_token: int | None = None
+    done: bool = False
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def finish(self, outcome):
+        self.done = True
+        self.emit(outcome)
 
 
-class MicroBatcher:
-    def __init__(self, served, window_ms: float = 5.0, max_batch: int = 32):
+@dataclass
+class AdapterChange:
+    """Put the adapter in `folder` on the model as `name`, or with no folder take `name` off."""
+
+    name: str
+    folder: Path | None = None
+    future: Future = field(default_factory=Future)
+
+
+class Worker:
+    def __init__(self, served, window_ms: float = 5.0, max_batch: int = 32, max_batch_tokens: int = 1024):
         self.served = served
         self.window_s = window_ms / 1000
-        self.max_batch = max_batch
+        self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.jobs = queue.SimpleQueue()
-        self.stats = {"classify_requests": 0, "texts": 0, "batches": 0, "forward_passes": 0, "generate_requests": 0}
-        self.thread = threading.Thread(target=self.work, name="loraft-batcher", daemon=True)
+        self.classifying: deque[Classify] = deque()
+        self.waiting: deque[Generate] = deque()
+        self.running: list[Generate] = []  # in the order of the decode batch's rows
+        self.decode = DecodeBatch(served.model)
+        self.stats = {
+            "classify_requests": 0,
+            "texts": 0,
+            "batches": 0,
+            "forward_passes": 0,
+            "generate_requests": 0,
+            "generated_tokens": 0,
+            "decode_steps": 0,
+            "largest_decode_batch": 0,
+        }
+        self.thread = threading.Thread(target=self.work, name="loraft-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Classify | Generate) -> Future:
+    def submit(self, job: Classify | Generate | AdapterChange):
         self.jobs.put(job)
-        return job.future
+        return getattr(job, "future", None)
 
     def close(self):
         self.jobs.put(None)
         self.thread.join()
 
     def work(self):
-        deferred = deque()  # jobs taken from the queue while gathering a batch, but not batched
-        while True:
-            job = deferred.popleft() if deferred else self.jobs.get()
-            if job is None:
-                return
-            if isinstance(job, Generate):
-                run(job, partial(self.generate, job))
-                continue
-            batch = [job]
-            deadline = time.perf_counter() + self.window_s
-            while sum(len(j.texts) for j in batch) < self.max_batch:
-                try:
-                    more = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                (batch if isinstance(more, Classify) else deferred).append(more)
-            self.classify_batch(batch)
+        while self.take(block=not (self.classifying or self.waiting or self.running)):
+            self.classify_step()
+            self.generate_step()
+        for job in [*self.classifying, *self.waiting, *self.running]:
+            fail(job, RuntimeError("the server is shutting down"))
 
-    def classify_batch(self, batch: list[Classify]):
-        rows = [(job.adapter, text) for job in batch for text in job.texts]
+    def take(self, block: bool) -> bool:
+        """Move the jobs that arrived into their queues; when idle, wait for one, then for the batch
+        window. False once the worker is closed."""
         try:
-            probs = self.classify_rows(rows)
-        except Exception as e:  # a fault in one batch fails its requests, never the worker
-            for job in batch:
-                job.future.set_exception(e)
+            job = self.jobs.get() if block else self.jobs.get_nowait()
+        except queue.Empty:
+            return True
+        deadline = time.perf_counter() + self.window_s if block else 0.0
+        while job is not None:
+            self.accept(job)
+            try:
+                wait = deadline - time.perf_counter()
+                job = self.jobs.get(timeout=wait) if wait > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def accept(self, job):
+        if isinstance(job, Generate):
+            self.waiting.append(job)
+        elif not job.future.set_running_or_notify_cancel():  # its request gave up first (once running, it cannot)
             return
-        start = 0
-        for job in batch:
-            job.future.set_result(probs[start : start + len(job.texts)])
-            start += len(job.texts)
+        elif isinstance(job, Classify):
+            try:
+                job.token_lists = self.served.adapters[job.adapter].format.encode(self.served.tokenizer, job.texts)
+            except Exception as e:
+                return fail(job, e)
+            job.probs = [None] * len(job.texts)
+            self.classifying.append(job)
+        else:
+            run(job, lambda: self.change_adapter(job))
+
+    def change_adapter(self, change: AdapterChange):
+        model = self.served.model
+        if change.folder is None:
+            return lora.delete_adapter(model, change.name)
+        meta = load_adapter(model, change.folder, change.name)  # checks the base's fingerprint first
+        model.requires_grad_(False)
+        return meta
+
+    # ------------------------------------------------------------ classification
+
+    def classify_step(self):
+        self.classifying = deque(job for job in self.classifying if not job.cancelled)
+        rows, tokens, full = [], 0, False
+        while not full:
+            pending = [job for job in self.classifying if job.taken < len(job.texts)]
+            if not pending:
+                break
+            for job in pending:  # one text of each request in turn
+                length = len(job.token_lists[job.taken])
+                full = len(rows) == self.max_batch or (bool(rows) and tokens + length > self.max_batch_tokens)
+                if full:
+                    break
+                rows.append((job, job.taken))
+                job.taken += 1
+                tokens += length
+        if not rows:
+            return
+        try:
+            probs = self.classify_rows([(job.adapter, job.token_lists[i]) for job, i in rows])
+        except Exception as e:  # a fault in one micro-batch fails its requests, never the worker
+            for job in {id(job): job for job, _ in rows}.values():
+                fail(job, e)
+                self.classifying.remove(job)
+            return
+        for (job, i), p in zip(rows, probs):
+            job.probs[i] = p
+        for job in [job for job in self.classifying if None not in job.probs]:
+            job.future.set_result(job.probs)
+            self.classifying.remove(job)
+            self.stats["classify_requests"] += 1
         self.stats["batches"] += 1
-        self.stats["classify_requests"] += len(batch)
         self.stats["texts"] += len(rows)
 
     @torch.no_grad()
-    def classify_rows(self, rows: list[tuple[str, str]]) -> list[list[float]]:
-        """Class probabilities of (adapter, text) rows. Rows are sorted by length (little padding) and
-        grouped by pooling and head size, which one forward pass must share."""
+    def classify_rows(self, rows: list[tuple[str, list[int]]]) -> list[list[float]]:
+        """Class probabilities of (adapter, token ids) rows. Rows are sorted by length (little padding)
+        and grouped by pooling and head size, which one forward pass must share."""
         model, tokenizer, adapters = self.served.model, self.served.tokenizer, self.served.adapters
-        token_lists = [None] * len(rows)
-        for name in dict.fromkeys(adapter for adapter, _ in rows):
-            indices = [i for i, (adapter, _) in enumerate(rows) if adapter == name]
-            encoded = adapters[name].format.encode(tokenizer, [rows[i][1] for i in indices])
-            for i, ids in zip(indices, encoded):
-                token_lists[i] = ids
 
         def group(i):
             adapter = adapters[rows[i][0]]
             return adapter.format.pooling, len(adapter.label_names)
 
-        order = sorted(range(len(rows)), key=lambda i: (group(i), len(token_lists[i])))
+        order = sorted(range(len(rows)), key=lambda i: (group(i), len(rows[i][1])))
         probs = [None] * len(rows)
         start = 0
         while start < len(order):
-            chunk = [i for i in order[start : start + self.max_batch] if group(i) == group(order[start])]
+            chunk = [i for i in order[start:] if group(i) == group(order[start])]
             start += len(chunk)
             lora.set_per_row(model, [rows[i][0] for i in chunk])
-            batch = collate(
-                [token_lists[i] for i in chunk], [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists))
-            )
+            token_lists = [rows[i][1] for i in chunk]
+            batch = collate(token_lists, [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists)))
             with bf16_autocast(model_device(model), self.served.bf16):
                 logits = classify_logits(model, batch, group(chunk[0])[0])
             for i, p in zip(chunk, torch.softmax(logits, -1).tolist()):
@@ -122,19 +224,82 @@ class MicroBatcher:
             self.stats["forward_passes"] += 1
         return probs
 
-    def generate(self, job: Generate) -> str:
-        served = self.served
-        lora.set_active(served.model, job.adapter)
-        response = respond(
-            served.model,
-            served.tokenizer,
-            served.adapters[job.adapter].meta,
-            job.instruction,
-            job.input,
-            job.max_new_tokens,
-        )
-        self.stats["generate_requests"] += 1
-        return response
+    # ------------------------------------------------------------ generation
+
+    def generate_step(self):
+        try:
+            self.join_waiting()
+            if self.running:
+                self.route(self.running)
+                with bf16_autocast(model_device(self.served.model), self.served.bf16):
+                    logits = self.decode.step([job.last_token for job in self.running])
+                for job, row in zip(self.running, logits):
+                    self.sample(job, row)
+                self.stats["decode_steps"] += 1
+                self.stats["largest_decode_batch"] = max(self.stats["largest_decode_batch"], len(self.running))
+                self.leave()
+        except Exception as e:  # a fault fails the generations in the batch, never the worker
+            for job in self.running:
+                fail(job, e)
+            self.running, self.decode = [], DecodeBatch(self.served.model)
+
+    def join_waiting(self):
+        """Waiting requests join the batch, oldest first, while it has room: each prompt runs alone and
+        gives the sequence's first token."""
+        self.leave()
+        budget, joined = self.max_batch_tokens, 0
+        while self.waiting and len(self.running) < self.max_batch:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            if joined and len(job.prompt_ids) > budget:  # its turn comes next step
+                break
+            self.waiting.popleft()
+            budget, joined = budget - len(job.prompt_ids), joined + 1
+            self.route([job])
+            try:
+                with bf16_autocast(model_device(self.served.model), self.served.bf16):
+                    logits = self.decode.join(job.prompt_ids)
+            except Exception as e:  # this prompt's fault: the batch goes on without it
+                fail(job, e)
+                continue
+            self.running.append(job)
+            self.sample(job, logits)
+        self.leave()
+
+    def route(self, jobs: list[Generate]):
+        lora.set_per_row(self.served.model, [job.adapter for job in jobs])
+
+    def sample(self, job: Generate, logits: torch.Tensor):
+        token = next_token(logits.float(), job.temperature, None, job.generator, job.top_p)
+        if token in job.stop_ids:
+            return job.finish(Finished("stop"))
+        job.generated += 1
+        job.last_token = token
+        job.emit(token)
+        self.stats["generated_tokens"] += 1
+        if job.generated == job.max_tokens:
+            job.finish(Finished("length"))
+
+    def leave(self):
+        """Sequences that ended or were cancelled leave the batch."""
+        kept = [row for row, job in enumerate(self.running) if not (job.done or job.cancelled)]
+        if len(kept) < len(self.running):
+            self.stats["generate_requests"] += sum(job.done for job in self.running)
+            self.decode.keep(kept)
+            self.running = [self.running[row] for row in kept]
+
+    @property
+    def load(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "classifying": len(self.classifying)}
+
+
+def fail(job, error: Exception):
+    if isinstance(job, Generate):
+        job.finish(error)
+    else:
+        job.future.set_exception(error)
 
 
 def run(job, compute):

@@ -1,7 +1,8 @@
 """The served model: one base in memory and every adapter loaded on it under its own name."""
 
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Served:
     tokenizer: object
     adapters: dict[str, ServedAdapter]
     bf16: bool
+    started: float = field(default_factory=time.time)
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
@@ -63,13 +65,12 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
         if name in folders:
             raise LoraftError(f"--adapter: the name {name!r} is given twice")
         folders[name] = Path(folder)
-    if not folders:
-        raise LoraftError("give at least one --adapter NAME=DIR")
     return folders
 
 
-def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
-    """Read every adapter.json and fail before any model is loaded if they cannot share one base."""
+def check_adapters(folders: dict[str, Path], base: str | None = None) -> dict[str, ServedAdapter]:
+    """Read every adapter.json and fail before any model is loaded if they cannot share one base
+    (`base`, when given: the served model's name)."""
     adapters = {name: ServedAdapter(name, folder, read_adapter(folder)[0]) for name, folder in folders.items()}
     for adapter in adapters.values():
         if adapter.meta.get("task") not in TASKS:
@@ -81,18 +82,39 @@ def check_adapters(folders: dict[str, Path]) -> dict[str, ServedAdapter]:
                 f"adapter {adapter.name!r} ({adapter.folder}) changes the base weights (method "
                 f"{adapter.meta.get('method')!r}); only LoRA and head adapters can share one base"
             )
-    bases = {adapter.meta["base_model"] for adapter in adapters.values()}
+    bases = {adapter.meta["base_model"] for adapter in adapters.values()} | ({base} if base else set())
     if len(bases) > 1:
         listed = ", ".join(f"{a.name}: {a.meta['base_model']}" for a in adapters.values())
-        raise LoraftError(f"all adapters must share one base model; these were trained on different ones ({listed})")
+        served = f"the served model is {base}; " if base else ""
+        raise LoraftError(
+            f"all adapters must share one base model; {served}these were trained on different ones ({listed})"
+        )
     return adapters
 
 
-def load_served(folders: dict[str, Path], quantize: str = "none") -> Served:
-    adapters = check_adapters(folders)
-    bf16 = bf16_supported()  # the base in bf16 halves memory traffic; the adapters, loaded after, stay fp32
-    base_model = next(iter(adapters.values())).meta["base_model"]
-    model, tokenizer = load_model(base_model, dtype=torch.bfloat16 if bf16 else torch.float32, quantize=quantize)
+def adapter_folder(path: str, allowed: tuple[Path, ...]) -> Path:
+    """The adapter folder `path` names, if it lies inside one of the `allowed` folders (links followed);
+    a relative path is looked for in each of them in turn."""
+    candidates = [Path(path)] if Path(path).is_absolute() else [folder / path for folder in allowed]
+    found = next((c for c in candidates if c.exists()), candidates[0]).resolve()
+    if not any(found.is_relative_to(folder.resolve()) for folder in allowed):
+        raise LoraftError(
+            f"{path} is outside the folders adapters may be loaded from (--adapter-dir: {', '.join(map(str, allowed))})"
+        )
+    return found
+
+
+def load_served(
+    folders: dict[str, Path], quantize: str = "none", base: str | None = None, weights=None, bf16: bool | None = None
+) -> Served:
+    """The base model (`base`, else the adapters' base; `weights`: its files from a local folder) with
+    every adapter in `folders` on it; `bf16`: the base in bf16 (default: where it runs natively)."""
+    adapters = check_adapters(folders, base)
+    if base is None and not adapters:
+        raise LoraftError("give the base model with --model, or at least one --adapter NAME=DIR")
+    bf16 = bf16_supported() if bf16 is None else bf16  # halves memory traffic; the adapters, loaded after, stay fp32
+    base = base or next(iter(adapters.values())).meta["base_model"]
+    model, tokenizer = load_model(base, weights, dtype=torch.bfloat16 if bf16 else torch.float32, quantize=quantize)
     model.requires_grad_(False)
     for adapter in adapters.values():
         load_adapter(model, adapter.folder, adapter.name)  # checks the base's fingerprint
