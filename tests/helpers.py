@@ -109,3 +109,21 @@ def export_and_compare(model, hf_model, ids, folder, classify):
     back, original = adapter_tensors(model, "back"), adapter_tensors(model, "default")
     assert back.keys() == original.keys()
     assert all(torch.equal(back[key], original[key]) for key in original)
+
+
+def quantize_model(model, mode: str) -> int:
+    """Quantize the block linear layers of a model already in memory, in place, as `load_model` does
+    each weight while it reads it; returns how many were quantized."""
+    from loraft.quantize import WEIGHTS, QuantizedLinear, block_linears, check_mode, quantized_weight
+
+    check_mode(mode)
+    if mode not in WEIGHTS:
+        return 0
+    chosen = block_linears(model)
+    for name in chosen:
+        module = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        quantized = QuantizedLinear(quantized_weight(mode, name, module.weight), module.bias, mode)
+        setattr(model.get_submodule(parent), child, quantized)
+    model.quantized = mode
+    return len(chosen)

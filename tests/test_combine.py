@@ -2,6 +2,7 @@
 adapters (DARE from the same seed), on a tiny Llama that loraft and transformers both load."""
 
 import json
+import shutil
 from unittest import mock
 
 import pytest
@@ -139,6 +140,10 @@ def test_bad_combinations_are_one_clear_line_and_write_nothing(tiny_llama_dir, a
 
     assert_clear_error(run(adapters[0], tmp_path / "other-base"), "only adapters of one base combine")
     assert_clear_error(run(adapters[0], classifier), "only adapters of one task combine")
+    chat = tmp_path / "chat"  # the same adapter, its prompts asked in another template
+    shutil.copytree(adapters[1], chat)
+    (chat / "adapter.json").write_text((chat / "adapter.json").read_text().replace('"alpaca"', '"chat"'))
+    assert_clear_error(run(adapters[0], chat), "'template': 'chat'", "only adapters that read texts alike combine")
     assert_clear_error(run(*adapters, weights="1"), "--weights gives 1 weights for 2 adapters")
     assert_clear_error(run(*adapters, weights="1,x"), "--weights takes comma-separated numbers")
     assert not out.exists()

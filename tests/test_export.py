@@ -166,7 +166,7 @@ def test_the_spam_classifier_runs_in_transformers_and_onnx_runtime(tmp_path, spa
     export(adapter, "onnx", tmp_path / "onnx")
     labels = json.loads((tmp_path / "onnx" / "labels.json").read_text())
     text_tokenizer = Tokenizer.from_file(str(tmp_path / "onnx" / "tokenizer.json"))
-    encoded = text_tokenizer.encode_batch([labels["template"].format(text=t) for t in texts])
+    encoded = text_tokenizer.encode_batch(texts)
     session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
     inputs = {
         "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
@@ -175,6 +175,41 @@ def test_the_spam_classifier_runs_in_transformers_and_onnx_runtime(tmp_path, spa
     (probabilities,) = session.run(None, inputs)
     assert np.abs(probabilities - ours.numpy()).max() <= 1e-3
     assert labels["labels"] == ["ham", "spam"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-360m", "gemma-3-270m"])
+def test_exported_tokenizers_read_texts_as_loraft_does_around_a_template(tmp_path, sms_texts, name):
+    """A classifier whose template puts tokens after the text: transformers' and ONNX Runtime's tokenizers
+    put the template around each text and truncate the text alone, as loraft does, so that a long text
+    keeps the suffix it is pooled at; and the classifiers give loraft's probabilities."""
+    checkpoint_folder(tmp_path / "hf", name, sms_texts[:500])
+    model, tokenizer = load_model(str(tmp_path / "hf"))
+    prepare_model(model, "lora", 2, lora.LoraConfig(rank=4))
+    randomise(model, std=0.1)
+    fmt = TextFormat("Message: {text}\nSpam or not?", max_length=24)
+    save_adapter(model, tmp_path / "adapter", task="classification", label_names=["a", "b"], **fmt.as_dict())
+    texts = [sms_texts[0], " ".join(sms_texts[1:6])]  # one short, one far past 24 tokens
+    expected = fmt.encode(tokenizer, texts)
+    assert len(expected[1]) == 24 and expected[1][-3:] == expected[0][-3:]
+    export(tmp_path / "adapter", "hf", tmp_path / "out-hf")
+    export(tmp_path / "adapter", "onnx", tmp_path / "out-onnx")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out-hf")
+    assert [hf_tokenizer(t, truncation=True)["input_ids"] for t in texts] == expected
+    onnx_tokenizer = Tokenizer.from_file(str(tmp_path / "out-onnx" / "tokenizer.json"))
+    encoded = onnx_tokenizer.encode_batch(texts)
+    assert [[i for i, m in zip(e.ids, e.attention_mask) if m] for e in encoded] == expected
+
+    model, tokenizer, meta = load_trained(tmp_path / "adapter", "classification", bf16=False)
+    ours = predict_proba(model, tokenizer, texts, fmt).numpy()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out-hf").eval()
+    assert type(hf).__name__ == hf.config.architectures[0]  # e.g. Gemma3TextForSequenceClassification
+    with torch.no_grad():
+        theirs = hf(**hf_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits.softmax(-1)
+    assert np.abs(theirs.numpy() - ours).max() <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "out-onnx" / "model.onnx"))
+    ids, mask = (np.array([getattr(e, key) for e in encoded], dtype=np.int64) for key in ("ids", "attention_mask"))
+    (probabilities,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    assert np.abs(probabilities - ours).max() <= 1e-4
 
 
 def test_bad_exports_are_one_clear_line_and_write_nothing(tmp_path, sms_texts):
@@ -203,6 +238,16 @@ def test_bad_exports_are_one_clear_line_and_write_nothing(tmp_path, sms_texts):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
     assert export_cli(instruction, "gguf", "--overwrite").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    # --overwrite never replaces the adapter's own folder, a folder above it, or one holding folders (a run)
+    for where, message in (
+        (instruction, "holds an input"),
+        (tmp_path, "holds an input"),
+        (out.parent / "run", "holds folders"),
+    ):
+        (out.parent / "run" / "adapter").mkdir(parents=True, exist_ok=True)
+        result = loraft("export", "--adapter", str(instruction), "--format", "peft", "--out", str(where), "--overwrite")
+        assert_clear_error(result, message)
+    assert (instruction / "adapter.json").is_file() and (out.parent / "run" / "adapter").is_dir()
 
     for path in (tmp_path / "hf").iterdir():  # the adapter's base is gone
         path.unlink()

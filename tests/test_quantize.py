@@ -12,9 +12,9 @@ from loraft import lora
 from loraft.errors import LoraftError
 from loraft.gguf_writer import write_gguf
 from loraft.models import load_model
-from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, quantize_model, quantized_weight
+from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, quantized_weight
 
-from .helpers import IDS, assert_clear_error, loraft, tiny_llama
+from .helpers import IDS, assert_clear_error, loraft, quantize_model, tiny_llama
 from .models.checkpoints import hf_checkpoint, write_tokenizer
 from .models.test_gguf_files import checkpoint_folder
 

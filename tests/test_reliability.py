@@ -226,3 +226,8 @@ def test_a_run_from_before_a_setting_existed_resumes_with_its_old_value():
     )
     changed = changed_settings(older, {"model": "smollm2-135m", "train": {"lr": 0.001, "epochs": 3, "quantize": "nf4"}})
     assert list(changed) == ["train"]
+    # LoRA variants came later: a plain LoRA run from before them resumes, another variant does not
+    before_variants = {"model": "smollm2-135m", "rank": 16, "alpha": 16.0}
+    plain = {**before_variants, "variant": "lora", "init": "default", "lora_plus_ratio": 0.0}
+    assert changed_settings(before_variants, plain) == {}
+    assert changed_settings(before_variants, {**plain, "variant": "dora"}) == {"variant": ("lora", "dora")}

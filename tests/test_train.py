@@ -113,13 +113,20 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_gpt2_weights,
 
 
 def test_max_steps_ends_the_run_and_its_schedule_there(tmp_path, tiny_gpt2_weights, small_sms_tsv):
-    """40 epochs cut to 6 steps: evaluated every 4 steps and at the last; the schedule spans the 6."""
+    """40 epochs cut to 6 steps: evaluated every 4 steps and at the last; the schedule spans the 6. One
+    epoch with more steps goes on into the next."""
     out = tmp_path / "run"
     result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, out, "--max-steps", "6", "--warmup", "0"))
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4, 6]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["scheduler"]["last_epoch"] == 6 and checkpoint["scheduler"]["_last_lr"][0] == pytest.approx(0)
+    # and past the epochs, as transformers' Trainer: 1 epoch of 11 steps (84 messages, batch 8) goes on to 14
+    longer = tmp_path / "longer"
+    result = loraft(*train_args(tiny_gpt2_weights, small_sms_tsv, longer, "--epochs", "1", "--max-steps", "14"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (longer / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 11, 12, 14] and rows[-1]["epoch"] == pytest.approx(14 / 11)
 
 
 def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tiny_gpt2_weights, small_sms_tsv):

@@ -20,7 +20,6 @@ from loraft.errors import LoraftError
 from loraft.export import export
 from loraft.models import load_model
 from loraft.peft_format import export_peft, import_peft
-from loraft.quantize import quantize_model
 from loraft.train import TrainConfig, Trainer
 
 from .helpers import (
@@ -28,6 +27,7 @@ from .helpers import (
     assert_clear_error,
     export_and_compare,
     loraft,
+    quantize_model,
     randomise,
     tiny_llama,
     train_a_few_steps,
@@ -419,7 +419,16 @@ def test_bad_variant_flags_are_one_clear_line(tmp_path, tiny_gpt2_weights, small
     assert_clear_error(run("--variant", "dora", "--method", "full"), "need --method lora")
     assert_clear_error(run("--init", "olora", "--quantize", "int8"), "--quantize int8")
     assert_clear_error(run("--variant", "lokr"), "invalid choice: 'lokr'")
+    # a schedule longer than the run (40 epochs of 11 steps) fails before the first measurement
+    assert_clear_error(run("--variant", "adalora", "--adalora-tinit", "400"), "leaves no steps to allocate ranks")
     assert not (tmp_path / "bad").exists()
+    # a sweep checks each rank of its grid before training the first: 8 is not below the initial rank 6
+    sweep = [*train_args(tiny_gpt2_weights, small_sms_tsv, tmp_path / "bad", "--variant", "adalora")]
+    sweep[sweep.index("--rank") : sweep.index("--rank") + 2] = ["--ranks", "2,8", "--adalora-init-r", "6"]
+    assert_clear_error(loraft("sweep", *sweep[1:]), "6) must be a whole number above --rank (8)")
+    assert not (tmp_path / "bad").exists()
+    sweep[sweep.index("--ranks") + 1] = "2,4"  # below 6 (the default rank 16 plays no part)
+    assert loraft("sweep", *sweep[1:], "--epochs", "1", "--alphas", "8").returncode == 0
     for options, message in [
         (dict(init="pissa-niter-N"), "number of iterations"),
         (dict(variant="dora", init="pissa"), "does not go with --variant dora"),

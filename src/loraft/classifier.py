@@ -55,6 +55,12 @@ class TextFormat:
             raise LoraftError(f"unknown pooling {self.pooling!r}; choose one of {POOLINGS}")
 
     def encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        before, after = self.template_ids(tokenizer)
+        room = self.max_length - len(before) - len(after)
+        return [before + ids[:room] + after for ids in tokenizer.encode_batch(texts)]
+
+    def template_ids(self, tokenizer) -> tuple[list[int], list[int]]:
+        """The token ids every text gets before it (BOS, the template's prefix) and after it."""
         prefix, suffix = self.template.split("{text}")
         start = tokenizer.bos_prefix if self.bos else []
         if start and self.pooling == "first":
@@ -64,10 +70,26 @@ class TextFormat:
             )
         before = start + (tokenizer.encode(prefix) if prefix else [])
         after = tokenizer.encode(suffix) if suffix else []
-        room = self.max_length - len(before) - len(after)
-        if room < 1:
+        if self.max_length - len(before) - len(after) < 1:
             raise LoraftError(f"--max-length {self.max_length} leaves no room for the text beside the template")
-        return [before + ids[:room] + after for ids in tokenizer.encode_batch(texts)]
+        return before, after
+
+    def as_tokenizers(self, tokenizer):
+        """A `tokenizers` Tokenizer that encodes a text as `encode` does, for a runtime without loraft:
+        the template's ids added around the text's own and the text alone truncated, as special tokens
+        added by a post-processor are."""
+        from tokenizers import processors
+
+        tok = tokenizer.as_tokenizers()
+        before, after = self.template_ids(tokenizer)
+        parts = [("loraft_before", before), ("$A", None), ("loraft_after", after)]
+        parts = [(name, ids) for name, ids in parts if ids != []]
+        special = [{"id": name, "ids": ids, "tokens": [tok.id_to_token(i) for i in ids]} for name, ids in parts if ids]
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(name for name, _ in parts), special_tokens=special
+        )
+        tok.enable_truncation(self.max_length)
+        return tok
 
     @classmethod
     def of_adapter(cls, meta: dict) -> "TextFormat":

@@ -160,8 +160,8 @@ def train_options(args) -> dict:
     return dict(train=cfg, **flags(args, "out", "model", "weights", "resume", "overwrite", "quiet"))
 
 
-def lora_config(args):
-    """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: its grid gives them)."""
+def lora_config(args, **grid):
+    """The LoRA flags as one LoraConfig (`sweep` has no --rank and --alpha: `grid` gives them)."""
     from .lora import LoraConfig
 
     adalora = {field: getattr(args, f"adalora_{field}") for field in ("init_r", "tinit", "tfinal", "delta_t")}
@@ -169,6 +169,7 @@ def lora_config(args):
         **flags(args, *[f for f in ("rank", "alpha", "scaling", "targets", "dropout") if hasattr(args, f)]),
         **flags(args, "variant", "init", "lora_plus_ratio"),
         **adalora,
+        **grid,
     )
 
 
@@ -177,10 +178,13 @@ def flags(args, *names: str) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def classifier_options(args) -> dict:
+def classifier_options(args, **grid) -> dict:
     data = flags(args, "data", "data_file", "data_from_uci", "text_column", "label_column", "val_file", "test_file")
     return dict(
-        **data, **flags(args, "max_length", "pooling", "template"), lora_config=lora_config(args), **train_options(args)
+        **data,
+        **flags(args, "max_length", "pooling", "template"),
+        lora_config=lora_config(args, **grid),
+        **train_options(args),
     )
 
 
@@ -193,9 +197,9 @@ def cmd_train(args):
 def cmd_sweep(args):
     from .sweep import parse_grid, run_sweep
 
-    run_sweep(
-        parse_grid("--ranks", args.ranks, int), parse_grid("--alphas", args.alphas, float), **classifier_options(args)
-    )
+    ranks, alphas = parse_grid("--ranks", args.ranks, int), parse_grid("--alphas", args.alphas, float)
+    # the largest rank: what AdaLoRA's initial rank must exceed (run_sweep checks every point of the grid)
+    run_sweep(ranks, alphas, **classifier_options(args, rank=max(ranks), alpha=alphas[0]))
 
 
 def cmd_eval(args):
@@ -737,7 +741,7 @@ def add_train_flags(parser):
         type=int,
         default=d.max_steps,
         metavar="N",
-        help="stop after N optimizer steps, the schedule spanning them (default 0: when the epochs end)",
+        help="train N optimizer steps, however many epochs that takes (--epochs is then ignored), the schedule spanning them (default 0: the epochs decide)",
     )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)

@@ -70,6 +70,7 @@ def disjoint_merge(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 MERGES = {"linear": task_arithmetic, "ties": ties, "dare_linear": dare_linear, "dare_ties": dare_ties}
+READING = ("template", "pooling", "max_length", "bos")  # how a task's texts become its tokens (adapter.json)
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd")
 PRUNING = ("ties", "dare_linear", "dare_ties")
 
@@ -109,6 +110,12 @@ def check_inputs(adapters: list, weights: list[float], method: str, density: flo
                 f"{folder} is a {describe_task(meta)} adapter, {first_dir} a {describe_task(first)} one: "
                 f"only adapters of one task combine"
             )
+        reading = {key: meta.get(key) for key in READING}
+        if reading != {key: first.get(key) for key in READING}:
+            raise LoraftError(
+                f"{folder} reads its texts as {reading}, {first_dir} as { ({key: first.get(key) for key in READING}) }: "
+                "only adapters that read texts alike combine"
+            )
         if not meta["target_modules"] or meta.get("trained_parameters"):
             raise LoraftError(f"{folder} is not a LoRA adapter (it trains {meta.get('method', 'no LoRA')})")
         variant = meta.get("variant", "lora")
@@ -140,7 +147,7 @@ def combined_layer(module: str, adapters: list, method: str, density: float | No
         update = merge(
             method.removesuffix("svd").rstrip("_") or "linear", updates, [w for _, w, _ in adapters], density
         )
-        U, S, Vh = torch.linalg.svd(update, full_matrices=True)
+        U, S, Vh = torch.linalg.svd(update, full_matrices=False)
         B, A = U[:, :rank] * S[:rank], Vh[:rank]
     else:
         roots = [math.sqrt(abs(w * s)) for _, w, s in adapters]
@@ -174,8 +181,6 @@ def combine(
         raise LoraftError("--rank (at least 1) sets the rank an _svd method cuts back to; other methods keep theirs")
     if len(adapters) == 1:  # as PEFT: one adapter can only be weighted
         method = "linear"
-    if Path(out).exists() and not overwrite:
-        raise LoraftError(f"{out} already exists; choose another --out, or add --overwrite to replace it")
 
     scales = [LoraConfig.of_adapter(meta).scale for meta in metas]
     first = metas[0]
@@ -209,4 +214,4 @@ def combine(
         modules_to_save=heads,
         combined=record,
     )
-    return atomic_folder(out, lambda folder: write_adapter(folder, meta, tensors), overwrite)
+    return atomic_folder(out, lambda folder: write_adapter(folder, meta, tensors), overwrite, adapters)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import export_gguf, export_hf, export_onnx
 from .adapters import read_adapter
 from .errors import LoraftError
-from .files import atomic_folder
+from .files import atomic_folder, check_new_folder
 from .peft_format import export_peft
 
 
@@ -45,7 +45,6 @@ def export(adapter_dir, fmt: str, out, dtype: str | None = None, weights=None, o
     dtype = dtype or spec.dtypes[0]
     if dtype not in spec.dtypes:
         raise LoraftError(f"--format {fmt} writes {', '.join(spec.dtypes)}, not --dtype {dtype}")
-    read_adapter(adapter_dir)  # a broken adapter is refused before anything is made
-    if Path(out).exists() and not overwrite:  # before loading a base model for nothing
-        raise LoraftError(f"{out} already exists; choose another --out, or add --overwrite to replace it")
-    return atomic_folder(out, lambda folder: spec.write(adapter_dir, folder, dtype, weights), overwrite)
+    read_adapter(adapter_dir)  # a broken adapter, or an --out that cannot be written, is refused before loading
+    check_new_folder(out, overwrite, [adapter_dir])
+    return atomic_folder(out, lambda folder: spec.write(adapter_dir, folder, dtype, weights), overwrite, [adapter_dir])

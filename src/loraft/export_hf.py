@@ -18,6 +18,11 @@ from .models import family_of
 from .tokenizer import save_for_transformers
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# transformers' sequence classifier of a causal LM, where its name is not ...ForCausalLM's with the ending swapped
+CLASSIFIERS = {
+    "GPT2LMHeadModel": "GPT2ForSequenceClassification",
+    "Gemma3ForCausalLM": "Gemma3TextForSequenceClassification",
+}
 
 
 def write(adapter_dir, folder: Path, dtype: str, weights=None):
@@ -39,10 +44,14 @@ def write(adapter_dir, folder: Path, dtype: str, weights=None):
     ids = {"bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": tokenizer.eos_id}
     config |= {**ids, "pad_token_id": tokenizer.pad_id, "torch_dtype": str(DTYPES[dtype]).removeprefix("torch.")}
     if classifier:
-        head = model.out_head.copies[meta["name"]].weight
-        tensors["score.weight"] = head
-        name = config["architectures"][0].replace("LMHeadModel", "ForCausalLM")
-        config["architectures"] = [name.replace("ForCausalLM", "ForSequenceClassification")]
+        head = model.out_head.copies[meta["name"]]
+        if head.bias is not None:
+            raise LoraftError(
+                "transformers' sequence classifiers have a `score` head without bias; this adapter's has one"
+            )
+        tensors["score.weight"] = head.weight
+        name = config["architectures"][0]
+        config["architectures"] = [CLASSIFIERS.get(name, name.replace("ForCausalLM", "ForSequenceClassification"))]
         config["id2label"] = dict(enumerate(meta["label_names"]))
         config["label2id"] = {label: i for i, label in enumerate(meta["label_names"])}
     else:
@@ -53,7 +62,9 @@ def write(adapter_dir, folder: Path, dtype: str, weights=None):
     write_json(folder / "config.json", config)
     stored = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
     save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
-    save_for_transformers(tokenizer, folder, meta.get("max_length") or model.config.context_length)
+    # a classifier's tokenizer puts the adapter's template around each text, as loraft reads it
+    tok = TextFormat.of_adapter(meta).as_tokenizers(tokenizer) if classifier else None
+    save_for_transformers(tokenizer, folder, meta.get("max_length") or model.config.context_length, tok)
 
 
 def check_pooling(meta: dict, tokenizer):

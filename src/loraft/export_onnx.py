@@ -1,7 +1,7 @@
 """ONNX Runtime: a classification adapter merged into its base as one ONNX graph, input_ids and
 attention_mask (right-padded rows, any batch size and length) in, class probabilities out, pooled as
-the adapter was trained; beside it tokenizer.json (set to truncate and pad as the model reads texts)
-and labels.json, so that onnxruntime and `tokenizers` alone classify."""
+the adapter was trained; beside it tokenizer.json (a text in, the ids the model reads out: the
+adapter's template around it, truncated and padded as loraft does) and labels.json, so that onnxruntime and `tokenizers` alone classify."""
 
 import contextlib
 import io
@@ -86,8 +86,7 @@ def write(adapter_dir, folder: Path, dtype: str, weights=None):
             external_data=False,
             verbose=False,
         )
-    tok = tokenizer.as_tokenizers()
-    tok.enable_truncation(fmt.max_length)
+    tok = fmt.as_tokenizers(tokenizer)
     tok.enable_padding(pad_id=tokenizer.pad_id, pad_token=tok.id_to_token(tokenizer.pad_id))
     tok.save(str(folder / TOKENIZER_FILE))
     write_json(folder / LABELS_FILE, {"labels": meta["label_names"], **fmt.as_dict()})

@@ -91,13 +91,13 @@ def atomic_write(path: Path, write):
         raise LoraftError(f"could not write {path} ({reason}); the file there before, if any, is unchanged") from None
 
 
-def atomic_folder(path: Path, write, overwrite: bool = False) -> Path:
+def atomic_folder(path: Path, write, overwrite: bool = False, inputs=()) -> Path:
     """Fill a new folder through `write(folder)`, then rename it to `path`: a failure or an interruption
     leaves no half-written folder, and with `overwrite` what was at `path` stays whole until the new
-    folder is complete. Without `overwrite`, an existing `path` is refused."""
+    folder is complete. Without `overwrite`, an existing `path` is refused; with it, only a flat folder
+    (what an export writes) that holds none of `inputs` is replaced, never a run folder or a file."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise LoraftError(f"{path} already exists; choose another --out, or add --overwrite to replace it")
+    check_new_folder(path, overwrite, inputs)
     tmp, old = path.with_name(f".{path.name}.tmp-{os.getpid()}"), path.with_name(f".{path.name}.old-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,16 +106,35 @@ def atomic_folder(path: Path, write, overwrite: bool = False) -> Path:
         write(tmp)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
     except OSError as e:
         raise LoraftError(f"could not write {path} ({e.strerror or e}); what was there before is unchanged") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def check_new_folder(path: Path, overwrite: bool, inputs=()):
+    """Refuse an --out that atomic_folder must not replace (see there), before any work is done."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise LoraftError(f"{path} already exists; choose another --out, or add --overwrite to replace it")
+    if not path.is_dir():
+        raise LoraftError(f"--out {path} is a file; --overwrite replaces only a folder an earlier export wrote")
+    if any(Path(i).resolve().is_relative_to(path.resolve()) for i in inputs):
+        raise LoraftError(f"--out {path} holds an input of this command; write the export somewhere else")
+    if any(p.is_dir() for p in path.iterdir()):
+        raise LoraftError(
+            f"--out {path} holds folders (a run folder?); --overwrite replaces only a folder an earlier export wrote"
+        )
 
 
 def json_safe(value):

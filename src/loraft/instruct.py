@@ -19,10 +19,9 @@ from .data.instruction import (
     check_template,
     collate,
     encode_examples,
-    encode_prompts,
     end_id,
-    format_prompt,
     load_instruction_data,
+    prompt_and_stops,
     read_examples,
 )
 from .data.squad import read_squad
@@ -124,11 +123,8 @@ def stream_answer(
 ):
     """Yield the tokens of the model's answer to an instruction (and its input), asked in the
     adapter's template, until its end token; `sampling`: temperature, top_k, seed (default greedy)."""
-    template = meta.get("template", DEFAULT_TEMPLATE)
-    (prompt_ids,) = encode_prompts(tokenizer, [format_prompt(tokenizer, instruction, input, template)], template)
-    tokens = stream_tokens(
-        model, prompt_ids, max_new_tokens, stop_ids={end_id(tokenizer, template), tokenizer.eos_id}, **sampling
-    )
+    prompt_ids, stop_ids = prompt_and_stops(tokenizer, instruction, input, meta.get("template", DEFAULT_TEMPLATE))
+    tokens = stream_tokens(model, prompt_ids, max_new_tokens, stop_ids=stop_ids, **sampling)
     while True:
         with bf16_autocast(model_device(model), uses_bf16(model)):  # bf16 weights need it
             token = next(tokens, None)
@@ -253,9 +249,12 @@ class InstructionJob:
         return (
             f"test loss {before['test']['loss']:.3f} -> {after['test']['loss']:.3f} "
             f"(perplexity {before['test']['perplexity']:.1f} -> {after['test']['perplexity']:.1f}), "
-            f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}, "
-            f"exact match {before['answers']['exact_match']:.3f} -> {after['answers']['exact_match']:.3f}, "
-            f"F1 {before['answers']['f1']:.3f} -> {after['answers']['f1']:.3f}"
+            f"ROUGE-L {before['answers']['rouge_l']:.3f} -> {after['answers']['rouge_l']:.3f}"
+            + "".join(
+                f", {name} {before['answers'][key]:.3f} -> {after['answers'][key]:.3f}"
+                for name, key in (("exact match", "exact_match"), ("F1", "f1"))
+                if key in before["answers"]  # a run resumed from before these were measured lacks them
+            )
         )
 
 

@@ -133,6 +133,13 @@ def run_job(
         base.to(cfg.device)
         quantized = quantization_of(base)
         adapter_meta = task.adapter_meta(cfg) | ({"base_quantized": quantized} if quantized != "none" else {})
+
+        def save(m):
+            return save_adapter(m, out / "adapter", **adapter_meta)
+
+        # before the first measurement: settings that only the run's length can refute (AdaLoRA's schedule) fail early
+        trainer_task, hook = task.trainer_task(tokenizer, cfg), lora.AdapterTraining(base)
+        trainer = Trainer(base, trainer_task, cfg, out, on_best=save, quiet=quiet, hook=hook)
         out.mkdir(parents=True, exist_ok=True)
         if main:
             write_json(out / "config.json", config)
@@ -143,11 +150,6 @@ def run_job(
             before = task.measure(base, tokenizer, cfg, None)
             write_json(before_file, before)
 
-        def save(m):
-            return save_adapter(m, out / "adapter", **adapter_meta)
-
-        trainer_task, hook = task.trainer_task(tokenizer, cfg), lora.AdapterTraining(base)
-        trainer = Trainer(base, trainer_task, cfg, out, on_best=save, quiet=quiet, hook=hook)
         if not quiet:
             counts = lora.parameter_summary(base)
             print(

@@ -209,21 +209,5 @@ def quantized_weight(mode: str, name: str, weight: torch.Tensor) -> QuantizedWei
     return WEIGHTS[mode](weight)
 
 
-def quantize_model(model: nn.Module, mode: str) -> int:
-    """Quantize the block linear layers of a model already in memory, in place (`models.load_model`
-    quantizes each weight as it reads it instead); returns how many were quantized."""
-    check_mode(mode)
-    if mode not in WEIGHTS:
-        return 0
-    chosen = block_linears(model)
-    for name in chosen:
-        module = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        quantized = QuantizedLinear(quantized_weight(mode, name, module.weight), module.bias, mode)
-        setattr(model.get_submodule(parent), child, quantized)
-    model.quantized = mode
-    return len(chosen)
-
-
 def quantization_of(model: nn.Module) -> str:
     return getattr(model, "quantized", "none")

@@ -22,7 +22,14 @@ FREE_SETTINGS = ("compile", "save_every", "skip_nonfinite")
 
 
 # Settings added since runs were first written, with the value an older run had (it had no choice)
-ADDED_SETTINGS = {"quantize": "none", "max_steps": 0, "data_format": "alpaca"}
+ADDED_SETTINGS = {
+    "quantize": "none",
+    "max_steps": 0,
+    "data_format": "alpaca",
+    "variant": "lora",
+    "init": "default",
+    "lora_plus_ratio": 0.0,
+}
 
 
 def changed_settings(was: dict, now: dict) -> dict:

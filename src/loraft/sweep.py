@@ -63,6 +63,7 @@ def run_sweep(
 
     `options` are train_classifier's; `resume` is implied: a sweep always continues."""
     out, train, lora_config = Path(out), train or TrainConfig(), lora_config or LoraConfig()
+    grid = {(rank, alpha): replace(lora_config, rank=rank, alpha=alpha) for rank in ranks for alpha in alphas}
     lora_settings = {k: v for k, v in lora_config.as_dict().items() if k not in ("rank", "alpha")}
     settings = {
         k: list(v) if isinstance(v, tuple) else v for k, v in {**options, **lora_settings, **asdict(train)}.items()
@@ -73,42 +74,41 @@ def run_sweep(
             write_json(out / "sweep.json", settings)
         distributed.barrier()
         rows = []
-        for rank in ranks:
-            for alpha in alphas:
-                run = out / f"rank{rank}-alpha{alpha:g}"
-                if (run / "report.json").is_file():
-                    report, note = read_json(run / "report.json"), "done earlier"
-                else:
-                    started = (run / "checkpoint.pt").is_file()
-                    report = train_classifier(
-                        out=run,
-                        lora_config=replace(lora_config, rank=rank, alpha=alpha),
-                        resume=started,
-                        overwrite=not started,
-                        quiet=True,
-                        train=train,
-                        **options,
-                    )
-                    note = "resumed" if started else "trained"
-                if not distributed.is_main():
-                    continue
-                rows.append(
-                    {
-                        "rank": rank,
-                        "alpha": alpha,
-                        "test_accuracy": report["test_accuracy"],
-                        "val_accuracy": report["val_accuracy"],
-                        "trainable_parameters": report["parameters"]["trainable"],
-                        "adapter_bytes": report["adapter_bytes"],
-                        "wall_seconds": round(report["wall_seconds"], 1),
-                    }
+        for (rank, alpha), run_lora in grid.items():  # each checked before the first run trains
+            run = out / f"rank{rank}-alpha{alpha:g}"
+            if (run / "report.json").is_file():
+                report, note = read_json(run / "report.json"), "done earlier"
+            else:
+                started = (run / "checkpoint.pt").is_file()
+                report = train_classifier(
+                    out=run,
+                    lora_config=run_lora,
+                    resume=started,
+                    overwrite=not started,
+                    quiet=True,
+                    train=train,
+                    **options,
                 )
-                if not quiet:
-                    print(
-                        f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
-                        f"{report['wall_seconds']:.0f} s ({note})",
-                        flush=True,
-                    )
+                note = "resumed" if started else "trained"
+            if not distributed.is_main():
+                continue
+            rows.append(
+                {
+                    "rank": rank,
+                    "alpha": alpha,
+                    "test_accuracy": report["test_accuracy"],
+                    "val_accuracy": report["val_accuracy"],
+                    "trainable_parameters": report["parameters"]["trainable"],
+                    "adapter_bytes": report["adapter_bytes"],
+                    "wall_seconds": round(report["wall_seconds"], 1),
+                }
+            )
+            if not quiet:
+                print(
+                    f"rank {rank:>3}, alpha {alpha:>4g}: test accuracy {report['test_accuracy']:.4f}, "
+                    f"{report['wall_seconds']:.0f} s ({note})",
+                    flush=True,
+                )
         if distributed.is_main():
             write_results(out, rows)
             if not quiet:

@@ -11,7 +11,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import LoraftError
-from .files import checked_file, data_dir, read_json
+from .files import checked_file, data_dir, read_json, write_json
 
 
 def check_unicode(text: str, where: str = "the text"):
@@ -375,11 +375,11 @@ class BPETokenizer:
         return metadata
 
 
-def save_for_transformers(tokenizer, folder: Path, max_length: int):
+def save_for_transformers(tokenizer, folder: Path, max_length: int, tok: HFTokenizer | None = None):
     """tokenizer.json and tokenizer_config.json in `folder`: transformers' AutoTokenizer then encodes
     as `tokenizer` does (the BOS, if any, from tokenizer.json's post-processor), with its special tokens
-    and chat template."""
-    tok = tokenizer.as_tokenizers()
+    and chat template; or as `tok`, the same tokenizer set up to encode otherwise (a classifier's template)."""
+    tok = tok or tokenizer.as_tokenizers()
     tok.save(str(folder / "tokenizer.json"))
     by_id = {
         "bos_token": getattr(tokenizer, "bos_id", None),
@@ -390,7 +390,7 @@ def save_for_transformers(tokenizer, folder: Path, max_length: int):
     settings |= {key: tok.id_to_token(i) for key, i in by_id.items() if i is not None}
     if tokenizer.chat_template:
         settings["chat_template"] = tokenizer.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    write_json(folder / "tokenizer_config.json", settings)
 
 
 def without_offsets(value):

@@ -41,7 +41,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclass
 class TrainConfig:
     epochs: int = 3
-    max_steps: int = 0  # stop after this many optimizer steps, the schedule spanning them (0: the epochs decide)
+    max_steps: int = 0  # train this many optimizer steps, more or fewer than the epochs hold, the schedule spanning them (0: the epochs decide)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -287,9 +287,8 @@ class Trainer:
             # buffers (RoPE tables, a quantized base) are the same everywhere from loading: never broadcast
             self.task_loss = DistributedDataParallel(self.task_loss, broadcast_buffers=False)
         self.steps_per_epoch = math.ceil(len(task.train_batches(0, cfg.batch_size)) / cfg.grad_accum)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        # as transformers' Trainer: max_steps, when given, decides, however many epochs that takes
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.epochs
         self.hook.start(self.total_steps)
         # fused: one kernel updates every tensor. On a CPU PyTorch's default is a Python loop over the
         # tensors, and LoRA trains hundreds of small ones.
@@ -409,7 +408,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         with StopSignals(enabled=self.world == 1) as stop:
-            while progress.epoch < cfg.epochs and progress.step < self.total_steps:
+            while progress.step < self.total_steps:
                 batches = self.task.train_batches(progress.epoch, cfg.batch_size)
                 while progress.batch < len(batches):  # a resumed run starts where it stopped
                     self.train_step(batches[progress.batch : progress.batch + cfg.grad_accum])

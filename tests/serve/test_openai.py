@@ -216,3 +216,23 @@ def test_an_adapter_removed_while_serving_finishes_its_requests_first(client, se
     assert answer["text"] == alone and ended["stream"] <= ended["delete"]
     with pytest.raises(openai.NotFoundError, match="no model named 'qa2'"):
         chat(client, "qa2", max_tokens=4)
+
+
+def test_a_one_turn_template_reads_the_user_message_as_its_instruction(smollm2):
+    """Every template but the chat template (alpaca, the PEFT article's qa) asks one user message in that
+    template and stops where `loraft generate --adapter` stops; a conversation is refused in one line."""
+    from loraft.data.instruction import prompt_and_stops
+    from loraft.errors import LoraftError
+    from loraft.serve.openai_api import Message, chat_prompt
+
+    tokenizer = smollm2[1]
+    for template in ("alpaca", "qa"):
+        ids, stops = chat_prompt(tokenizer, template, [Message(role="user", content=QUESTION)])
+        assert (ids, stops) == prompt_and_stops(tokenizer, QUESTION, "", template)
+        assert ("### QUESTION" if template == "qa" else "### Instruction") in tokenizer.decode(ids)
+        with pytest.raises(LoraftError, match=f"the '{template}' template, which holds one instruction"):
+            chat_prompt(
+                tokenizer, template, [Message(role="system", content="Be brief."), Message(role="user", content="?")]
+            )
+    chat_ids, _ = chat_prompt(tokenizer, "chat", [Message(role="user", content=QUESTION)])
+    assert "<|im_start|>user" in tokenizer.decode(chat_ids)

@@ -252,6 +252,13 @@ def encode_prompts(tokenizer, prompts: list[str], template: str) -> list[list[in
     return [start + ids for ids in tokenizer.encode_batch(prompts)]
 
 
+def prompt_and_stops(tokenizer, instruction: str, input: str, template: str) -> tuple[list[int], frozenset[int]]:
+    """The token ids of one prompt in `template`, and the tokens that end its answer: what every command
+    that answers an instruction adapter (generate, chat, serve) asks and stops at."""
+    (ids,) = encode_prompts(tokenizer, [format_prompt(tokenizer, instruction, input, template)], template)
+    return ids, frozenset({end_id(tokenizer, template), tokenizer.eos_id})
+
+
 def encode_examples(
     tokenizer, examples: list[Example], template: str, max_length: int
 ) -> tuple[list[list[int]], list[int]]:

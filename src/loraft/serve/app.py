@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.instruction import DEFAULT_TEMPLATE, encode_prompts, end_id, format_prompt
+from ..data.instruction import DEFAULT_TEMPLATE, prompt_and_stops
 from ..errors import LoraftError
 from ..tokenizer import check_unicode
 from . import openai_api
@@ -471,11 +471,9 @@ def create_app(
             raise HTTPException(422, f"input has {len(body.input)} characters; the limit is {limits.max_text_chars}")
         if not 1 <= body.max_new_tokens <= limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens must be between 1 and {limits.max_new_tokens}")
-        template = adapter.meta.get("template", DEFAULT_TEMPLATE)
         tokenizer = served.tokenizer
-        prompt = format_prompt(tokenizer, body.instruction, body.input, template)
-        (prompt_ids,) = encode_prompts(tokenizer, [prompt], template)
-        stop_ids = frozenset({end_id(tokenizer, template), tokenizer.eos_id})
+        template = adapter.meta.get("template", DEFAULT_TEMPLATE)
+        prompt_ids, stop_ids = prompt_and_stops(tokenizer, body.instruction, body.input, template)
         run = generation(request, adapter, prompt_ids, stop_ids, body.max_new_tokens, True)
         try:
             text = TextStream(tokenizer, [], strip=True)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.instruction import encode_prompts, end_id, format_prompt, render_chat
+from ..data.instruction import encode_prompts, end_id, prompt_and_stops, render_chat
 from ..errors import LoraftError
 
 # The endpoints that answer in OpenAI's shapes (errors included)
@@ -70,23 +70,21 @@ class CompletionRequest(Sampling):
 
 
 def chat_prompt(tokenizer, template: str | None, messages: list[Message]) -> tuple[list[int], frozenset[int]]:
-    """The prompt's token ids and the stop tokens of a conversation. An Alpaca adapter (`template`
-    "alpaca") reads one user message as its instruction, as `loraft generate --adapter` does; a chat
+    """The prompt's token ids and the stop tokens of a conversation. An adapter of a one-turn template
+    (alpaca, qa) reads one user message as its instruction, as `loraft generate --adapter` does; a chat
     adapter or the base model (None) reads the whole conversation in the model's chat template."""
     turns = [{"role": m.role, "content": m.text()} for m in messages]
-    if template == "alpaca":
+    if template not in (None, "chat"):
         if len(turns) != 1 or turns[0]["role"] != "user":
             raise LoraftError(
-                "messages: this adapter answers in the Alpaca template, which holds one instruction: send one user message"
+                f"messages: this adapter answers in the {template!r} template, which holds one instruction: "
+                "send one user message"
             )
-        text = format_prompt(tokenizer, turns[0]["content"], "", "alpaca")
-    else:
-        if not tokenizer.chat_template:
-            raise LoraftError("the base model's tokenizer has no chat template: use /v1/completions")
-        template = "chat"
-        text = render_chat(tokenizer, turns, add_generation_prompt=True)
-    (ids,) = encode_prompts(tokenizer, [text], template)
-    return ids, frozenset({end_id(tokenizer, template), tokenizer.eos_id})
+        return prompt_and_stops(tokenizer, turns[0]["content"], "", template)
+    if not tokenizer.chat_template:
+        raise LoraftError("the base model's tokenizer has no chat template: use /v1/completions")
+    (ids,) = encode_prompts(tokenizer, [render_chat(tokenizer, turns, add_generation_prompt=True)], "chat")
+    return ids, frozenset({end_id(tokenizer, "chat"), tokenizer.eos_id})
 
 
 def completion_prompt(tokenizer, template: str | None, prompt: str) -> tuple[list[int], frozenset[int]]:
