@@ -11,6 +11,7 @@ from .classifier import ClassificationTask, TextFormat, add_classification_head,
 from .data.classification import ClassificationData, load_classification_data
 from .data.sms_spam import load_sms_spam
 from .errors import LoraftError
+from .inference import compile_for_inference
 from .job import load_trained, run_job
 from .models import DEFAULT_MODEL
 from .precision import uses_bf16
@@ -171,9 +172,10 @@ def evaluate_adapter(
     weights=None,
     quantize="none",
     data_from_uci=False,
+    compile: bool | None = None,
 ) -> dict:
     """Metrics of a classification adapter on a split of `data` (the split it was trained with, when
-    the seed is the default) or on all of it."""
+    the seed is the default) or on all of it; `compile`: see inference.compile_for_inference."""
     from .data.classification import Split, encode_labels, read_labelled_texts, split_by_fractions
     from .data.sms_spam import book_split, read_sms_spam, sms_spam_file
 
@@ -192,6 +194,7 @@ def evaluate_adapter(
         dataset = ClassificationData(*parts, names)
     chosen = whole if split == "all" else getattr(dataset, split)
     model, tokenizer, meta = load_trained(adapter_dir, "classification", weights, quantize)
+    compile_for_inference(model, len(chosen.texts), compile)
     return {
         "adapter": str(adapter_dir),
         "data": data,
