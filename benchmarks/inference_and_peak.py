@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from loraft import lora
-from loraft.adapters import load_adapter, read_adapter
+from loraft.adapters import load_adapter, read_adapter, save_adapter
 from loraft.classifier import TextFormat, predict_proba
 from loraft.data.sms_spam import load_sms_spam
 from loraft.export import export
@@ -27,7 +27,6 @@ from loraft.inference import compile_for_inference
 from loraft.models import load_model
 from loraft.peft_format import export_peft
 from loraft.precision import bf16_autocast, cast_frozen_weights
-from loraft.weights import smollm2_gguf
 
 OUT = Path(__file__).parent / "results"
 
@@ -61,17 +60,24 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def transformers_classifier(adapter_dir):
-    """LlamaForSequenceClassification from the same GGUF with the adapter exported to PEFT, in bf16."""
+def dense_base_folder(model_name: str) -> Path:
+    """The base model as a dense transformers folder: loraft's `hf` export of an adapter whose update is
+    zero. (transformers reads a GGUF's quantized blocks into its own packed layers, not bf16 weights.)"""
+    model, _ = load_model(model_name)
+    lora.apply_lora(model, lora.LoraConfig(rank=1, targets=("q",)))  # B starts at zero: W unchanged
+    scratch = Path(tempfile.mkdtemp())
+    save_adapter(model, scratch / "zero", task="instruction", template="alpaca", max_length=128)
+    return export(scratch / "zero", "hf", scratch / "base")
+
+
+def transformers_classifier(adapter_dir, base_folder: Path):
+    """LlamaForSequenceClassification of the dense base with the adapter exported to PEFT, merged, in bf16."""
     from peft import PeftModel
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    gguf = smollm2_gguf()
-    model = LlamaForSequenceClassification.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, num_labels=2, dtype=torch.float32
-    )
+    model = LlamaForSequenceClassification.from_pretrained(str(base_folder), num_labels=2, dtype=torch.float32)
     model.config.pad_token_id = 2
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
     peft_dir = tempfile.mkdtemp()
     export_peft(adapter_dir, peft_dir)
     model = PeftModel.from_pretrained(model, peft_dir).merge_and_unload().to(torch.bfloat16).eval()
@@ -106,7 +112,7 @@ NEW_TOKENS = 64
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def generation_rates(model_name: str) -> dict:
+def generation_rates(model_name: str, base_folder: Path) -> dict:
     """New tokens per second, greedy, NEW_TOKENS each (no stop token), batch 1 and 8, bf16 weights."""
     from transformers import AutoModelForCausalLM
 
@@ -125,8 +131,7 @@ def generation_rates(model_name: str) -> dict:
             for _ in range(NEW_TOKENS - 1):
                 logits = batch.step(logits.argmax(-1).tolist())
 
-    gguf = smollm2_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.bfloat16).eval()
     padded = torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(p[::-1]) for p in prompts], batch_first=True, padding_value=2
     ).flip(1)  # left-padded
@@ -182,13 +187,14 @@ def main():
     results["sms_per_second"]["ONNX Runtime (fp32 graph)"] = per_second(
         onnx_runtime_classifier(adapter, texts), len(texts)
     )
-    hf, hf_tokenizer = transformers_classifier(adapter)
+    base_folder = dense_base_folder(meta["base_model"])
+    hf, hf_tokenizer = transformers_classifier(adapter, base_folder)
 
     @torch.no_grad()
     def hf_classify():
         order = sorted(texts, key=len)  # the same length-sorted batches of 32 as loraft
         for start in range(0, len(order), 32):
-            batch = hf_tokenizer(order[start : start + 32], return_tensors="pt", padding=True)
+            batch = hf_tokenizer(order[start : start + 32], return_tensors="pt", padding=True, truncation=True)
             hf(**batch).logits.softmax(-1)
 
     hf_tokenizer.padding_side = "right"
@@ -209,7 +215,7 @@ def main():
     for name, rate in results["sms_per_second"].items():
         print(f"{name:42} {rate:7.1f} SMS/s  ({rate / ceiling:.0%} of the ceiling)")
     print(f"compiling took {results['compile_seconds']:.1f} s once (the first 64 texts included)")
-    results["generation_tokens_per_second"] = generation_rates(meta["base_model"])
+    results["generation_tokens_per_second"] = generation_rates(meta["base_model"], base_folder)
     for name, rate in results["generation_tokens_per_second"].items():
         print(f"generation, {name:38} {rate:7.1f} new tokens/s")
     OUT.mkdir(exist_ok=True)

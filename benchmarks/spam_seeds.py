@@ -7,6 +7,7 @@ should run meanwhile: training times are compared too).
     LORAFT_DATA_DIR=../shared/data python benchmarks/spam_seeds.py variants   # lora, dora, adalora, lora+, pissa
     LORAFT_DATA_DIR=../shared/data python benchmarks/spam_seeds.py instruct-variants   # the same, instruct, 1 seed
     LORAFT_DATA_DIR=../shared/data python benchmarks/spam_seeds.py NAME="--flag value" ...   # your own, spam job
+    ... spam_seeds.py variants --seeds 1   # a group's first seed only
 
 Prints every run, then per setting the mean test score (spam: accuracy; instruct: ROUGE-L of the
 greedy test answers), its difference to the first setting's mean, the mean training time (the loop's
@@ -59,11 +60,16 @@ def train(command: str, flags: str, seed: int, folder: Path) -> dict:
 
 
 def main():
-    if len(sys.argv) == 2 and sys.argv[1] in GROUPS:
-        group, (command, seeds, settings) = sys.argv[1], GROUPS[sys.argv[1]]
+    arguments = sys.argv[1:]
+    count = None
+    if arguments[-2:-1] == ["--seeds"]:  # only the first N seeds of the group
+        count, arguments = int(arguments[-1]), arguments[:-2]
+    if len(arguments) == 1 and arguments[0] in GROUPS:
+        group, (command, seeds, settings) = arguments[0], GROUPS[arguments[0]]
+        seeds = seeds[:count]
     else:
         group, command, seeds = "custom", "train", SEEDS
-        settings = dict(arg.split("=", 1) for arg in sys.argv[1:])
+        settings = dict(arg.split("=", 1) for arg in arguments)
     score = SCORES[command][0]
     results = {"machine": platform.processor() or platform.machine(), "command": command, "score": score}
     results |= {"seeds": seeds, "settings": {}}

@@ -23,7 +23,7 @@ from loraft.data.instruction import book_file
 
 RECIPE = (
     "--model smollm2-135m --quantize int8 --rank 16 --alpha 32 --dropout 0.05 --targets q k v "
-    "--format squad --template qa --max-steps 100 --epochs 10 --batch-size 4 --grad-accum 4 --lr 1e-3 "
+    "--format squad --template qa --max-steps 100 --batch-size 4 --grad-accum 4 --lr 1e-3 "
     "--eval-every 20 --max-length 512 --max-new-tokens 64 --overwrite --quiet"
 ).split()
 
