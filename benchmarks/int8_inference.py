@@ -57,9 +57,14 @@ def int8_product(codes, layer):
 
 
 def int8_model(model):
+    """A copy with every block linear layer in int8; a merged LoRA layer is replaced whole by its base."""
     int8 = copy.deepcopy(model)
     for name, module in list(int8.named_modules()):
-        if name.startswith("trf_blocks.") and isinstance(module, nn.Linear):
+        if not name.startswith("trf_blocks.") or name.endswith(".base"):
+            continue
+        if isinstance(module, lora.LoRALinear):
+            lora.replace_module(int8, name, Int8Linear(module.base))
+        elif type(module) is nn.Linear:
             lora.replace_module(int8, name, Int8Linear(module))
     return int8
 

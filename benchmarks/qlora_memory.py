@@ -87,14 +87,14 @@ def run(model: str, mode: str) -> dict:
     return json.loads(child.stdout.splitlines()[-1])
 
 
-def compare(model: str, modes: list[str]) -> dict:
+def compare(model: str, modes: list[str], label: str | None = None) -> dict:
     rows = {mode: run(model, mode) for mode in modes}
     whole = rows["none"]
     for mode, row in rows.items():
         row["step_time_vs_whole"] = row["seconds_per_step"] / whole["seconds_per_step"]
         row["peak_vs_whole"] = row["step_peak_bytes"] / whole["step_peak_bytes"]
         print(
-            f"{model:>14} {mode:>5}: {row['bytes_per_frozen_weight']:.3f} bytes per frozen weight, step peak "
+            f"{label or model:>19} {mode:>5}: {row['bytes_per_frozen_weight']:.3f} bytes per frozen weight, step peak "
             f"{row['step_peak_bytes'] / 1e9:.2f} GB ({row['peak_vs_whole']:.2f}x), "
             f"{row['seconds_per_step']:.2f} s per step ({row['step_time_vs_whole']:.2f}x)"
         )
@@ -108,7 +108,7 @@ def main():
         with tempfile.TemporaryDirectory() as folder:
             write_checkpoint(Path(folder))
             write_tokenizer(Path(folder), load_sms_spam().train.texts, pre="smollm", vocab_size=8192)
-            results["smollm2-1.7b-shaped"] = compare(folder, ["none", "int8", "nf4"])
+            results["smollm2-1.7b-shaped"] = compare(folder, ["none", "int8", "nf4"], "smollm2-1.7b-shaped")
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2))
 

@@ -58,6 +58,38 @@ LORAS = {
 assert set(LORAS) == set(GGUF_OF)
 
 
+def llama_cpps_formula(lora_file, base_file):
+    """The model llama.cpp runs: W + alpha / rank * B A for each lora_a / lora_b pair of `lora_file`
+    (alpha from the file, rank from B) over the tensors of `base_file`, read from the two files alone."""
+    reader = GGUFReader(lora_file)
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    meta, tensors, _ = read_gguf(base_file)
+    assert fields["general.architecture"] == meta["general.architecture"]
+    pairs = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
+    for name_a in [n for n in pairs if n.endswith(".lora_a")]:
+        weight = name_a.removesuffix(".lora_a")
+        A, B = pairs[name_a], pairs[f"{weight}.lora_b"]
+        assert A.shape[1] == tensors[weight].shape[1] and B.shape == (tensors[weight].shape[0], A.shape[0])
+        tensors[weight] = tensors[weight] + fields["adapter.lora.alpha"] / B.shape[1] * B @ A
+    family = family_named(meta["general.architecture"], str(base_file), gguf=True)
+    config = family.config_from_gguf(meta, tensors)
+    return build_with(family, config, family.from_gguf_tensors(tensors, config), str(base_file)).eval()
+
+
+def test_a_pissa_adapter_in_llama_cpps_file_gives_the_trained_model(tmp_path, sms_texts):
+    """PiSSA trains over W minus its principal part; saved for the untouched base (rank 2r), llama.cpp's
+    formula over the untouched base file gives the trained model's logits."""
+    checkpoint_folder(tmp_path / "hf", "smollm2-360m", sms_texts[:500])
+    model, tokenizer = load_model(str(tmp_path / "hf"))
+    base_file = write_gguf(model, tmp_path / "base.gguf", "f32", tokenizer.gguf_metadata(model.config.vocab_size))
+    model, _ = load_model(str(base_file))
+    instruction_adapter(model, tmp_path / "adapter", init="pissa-niter-4", targets=["all-linear"])
+    expected = logits_of(model)
+    export(tmp_path / "adapter", "gguf-lora", tmp_path / "lora")
+    assert (logits_of(llama_cpps_formula(tmp_path / "lora" / "adapter.gguf", base_file)) - expected).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("name", LORAS)
 def test_a_gguf_lora_file_is_llama_cpps_formula_over_the_base_file(tmp_path, sms_texts, name):
     """From the two files alone: W + alpha / rank * B A for each lora_a / lora_b pair (alpha from
@@ -74,21 +106,7 @@ def test_a_gguf_lora_file_is_llama_cpps_formula_over_the_base_file(tmp_path, sms
     assert (expected - before).abs().max() > 0.1  # the adapter changes the answer: a wrong layout would show
 
     export(tmp_path / "adapter", "gguf-lora", tmp_path / "lora")
-    reader = GGUFReader(tmp_path / "lora" / "adapter.gguf")
-    fields = {key: field.contents() for key, field in reader.fields.items()}
-    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
-    meta, tensors, _ = read_gguf(base_file)
-    assert fields["general.architecture"] == meta["general.architecture"]
-    pairs = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
-    for name_a in [n for n in pairs if n.endswith(".lora_a")]:
-        weight = name_a.removesuffix(".lora_a")
-        A, B = pairs[name_a], pairs[f"{weight}.lora_b"]
-        assert A.shape[1] == tensors[weight].shape[1] and B.shape == (tensors[weight].shape[0], A.shape[0])
-        tensors[weight] = tensors[weight] + fields["adapter.lora.alpha"] / B.shape[1] * B @ A
-    family = family_named(meta["general.architecture"], name, gguf=True)
-    config = family.config_from_gguf(meta, tensors)
-    recomputed = build_with(family, config, family.from_gguf_tensors(tensors, config), name).eval()
-    assert (logits_of(recomputed) - expected).abs().max() < 1e-4
+    assert (logits_of(llama_cpps_formula(tmp_path / "lora" / "adapter.gguf", base_file)) - expected).abs().max() < 1e-4
     # over a GGUF base, Ollama gets the base file and the adapter
     modelfile = (tmp_path / "lora" / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM {base_file.resolve()}\nADAPTER ./adapter.gguf\n")
