@@ -152,7 +152,7 @@ BAD = {
     "two-turns-for-alpaca": (
         json.dumps({**CHAT, "messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]}),
         400,
-        "the Alpaca template, which holds one instruction: send one user message",
+        "the 'alpaca' template, which holds one instruction: send one user message",
     ),
     "temperature-a-string": (
         json.dumps({**CHAT, "temperature": "0"}),
