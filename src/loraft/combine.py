@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .adapters import read_adapter, write_adapter
 from .errors import LoraftError
-from .files import atomic_folder
+from .files import atomic_folder, check_new_folder
 from .lora import LoraConfig
 from .models import family_named
 
@@ -110,10 +110,10 @@ def check_inputs(adapters: list, weights: list[float], method: str, density: flo
                 f"{folder} is a {describe_task(meta)} adapter, {first_dir} a {describe_task(first)} one: "
                 f"only adapters of one task combine"
             )
-        reading = {key: meta.get(key) for key in READING}
-        if reading != {key: first.get(key) for key in READING}:
+        reading, first_reading = ({key: m.get(key) for key in READING} for m in (meta, first))
+        if reading != first_reading:
             raise LoraftError(
-                f"{folder} reads its texts as {reading}, {first_dir} as { ({key: first.get(key) for key in READING}) }: "
+                f"{folder} reads its texts as {reading}, {first_dir} as {first_reading}: "
                 "only adapters that read texts alike combine"
             )
         if not meta["target_modules"] or meta.get("trained_parameters"):
@@ -181,6 +181,7 @@ def combine(
         raise LoraftError("--rank (at least 1) sets the rank an _svd method cuts back to; other methods keep theirs")
     if len(adapters) == 1:  # as PEFT: one adapter can only be weighted
         method = "linear"
+    check_new_folder(out, overwrite, adapters)  # before the work, not after it
 
     scales = [LoraConfig.of_adapter(meta).scale for meta in metas]
     first = metas[0]

@@ -1,7 +1,8 @@
 """ONNX Runtime: a classification adapter merged into its base as one ONNX graph, input_ids and
 attention_mask (right-padded rows, any batch size and length) in, class probabilities out, pooled as
 the adapter was trained; beside it tokenizer.json (a text in, the ids the model reads out: the
-adapter's template around it, truncated and padded as loraft does) and labels.json, so that onnxruntime and `tokenizers` alone classify."""
+adapter's template around it, truncated and padded as loraft does) and labels.json, so that
+onnxruntime and `tokenizers` alone classify."""
 
 import contextlib
 import io
