@@ -6,11 +6,10 @@ Compiling costs seconds once, so it pays for large inputs (benchmarks/inference_
 import torch
 from torch import nn
 
-from .errors import LoraftError
 from .models import family_of, model_device
 from .models.kv_cache import LayerCache
 from .quantize import quantization_of
-from .train import compiler_found
+from .train import check_compiler, compiler_found
 
 COMPILE_FROM_TEXTS = 1000  # where the compiled passes save more than compiling costs (measured, see above)
 
@@ -21,10 +20,8 @@ def compile_for_inference(model: nn.Module, texts: int, asked: bool | None = Non
     did. `asked`: --compile / --no-compile; None: where it pays, from COMPILE_FROM_TEXTS texts on a CPU
     with a C++ compiler, for the families `loraft train` compiles there."""
     on_cpu = model_device(model).type == "cpu"
-    if asked and on_cpu and not compiler_found():
-        raise LoraftError(
-            "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or drop --compile"
-        )
+    if asked and on_cpu:
+        check_compiler()
     if asked is None:
         asked = texts >= COMPILE_FROM_TEXTS and on_cpu and compiler_found() and family_of(model).compile_on_cpu
     if not asked or quantization_of(model) != "none":  # a quantized base's adapter runs beside it: eager

@@ -166,10 +166,8 @@ def check_config(cfg: TrainConfig):
         raise LoraftError(f"unknown --quantize {cfg.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     if cfg.compile and cfg.quantize != "none":  # compiled, autograd would keep each dequantized weight for backward
         raise LoraftError("--compile and --quantize do not go together (compiling keeps dequantized weights); drop one")
-    if cfg.compile and not compiler_found():
-        raise LoraftError(
-            "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or train without --compile"
-        )
+    if cfg.compile:
+        check_compiler()
 
 
 def pick_device(name: str) -> torch.device:
@@ -206,6 +204,14 @@ def is_better(metric: str, row: dict, best: list | None) -> bool:
 def compiler_found() -> bool:
     """torch.compile on a CPU writes C++ and builds it with the system's compiler."""
     return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+
+
+def check_compiler():
+    """--compile on a CPU, refused in one line where no compiler is found."""
+    if not compiler_found():
+        raise LoraftError(
+            "--compile needs a C++ compiler (g++, clang++ or $CXX) on PATH; install one, or drop --compile"
+        )
 
 
 def compile_blocks(model: nn.Module):
