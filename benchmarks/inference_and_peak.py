@@ -1,7 +1,8 @@
 """The machine's GEMM peak (bf16, fp32), and side by side in one run, from the same trained adapter:
 SMS classified per second on the book's 300 test messages by loraft (merged eager, merged compiled,
 unmerged), transformers + PEFT (merged) and ONNX Runtime (the `loraft export --format onnx` graph), each
-against the ceiling the bf16 peak allows; then greedy generation with a KV cache, new tokens per second
+against the ceiling the bf16 peak allows and against the blocks' products alone at the same batch
+shapes (no attention, norms or activations: what the GEMM library itself reaches there); then greedy generation with a KV cache, new tokens per second
 at batch 1 and batch 8, loraft (stream_tokens; DecodeBatch, serve's continuous batching) vs transformers'
 generate, the same SmolLM2-135M weights in bf16.
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from loraft import lora
 from loraft.adapters import load_adapter, read_adapter, save_adapter
@@ -58,6 +60,25 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def products_alone_per_second(model, lengths: list[int], batch_size=32) -> float:
+    """SMS/s if a pass were nothing but the blocks' linear products in bf16, at the shapes loraft runs them
+    (length-sorted batches of 32, each padded to its longest): what the GEMM library allows at these
+    shapes, below its rate on large square products."""
+    weights = [m.weight.detach().to(torch.bfloat16) for m in model.trf_blocks.modules() if isinstance(m, nn.Linear)]
+    ordered = sorted(lengths)
+    rows = [
+        len(batch) * max(batch) for batch in (ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size))
+    ]
+    inputs = {(n, w.shape[1]): torch.randn(n, w.shape[1], dtype=torch.bfloat16) for n in rows for w in weights}
+
+    def products():
+        for n in rows:
+            for w in weights:
+                inputs[n, w.shape[1]] @ w.t()
+
+    return per_second(products, len(lengths))
 
 
 def dense_base_folder(model_name: str) -> Path:
@@ -200,7 +221,8 @@ def main():
     hf_tokenizer.padding_side = "right"
     results["sms_per_second"]["transformers + PEFT merged (bf16)"] = per_second(hf_classify, len(texts))
     # The ceiling: every linear weight of the blocks costs 2 FLOPs per real token, at the bf16 peak.
-    tokens = sum(len(t) for t in fmt.encode(tokenizer, texts)) / len(texts)
+    lengths = [len(t) for t in fmt.encode(tokenizer, texts)]
+    tokens = sum(lengths) / len(texts)
     linear_weights = sum(m.weight.numel() for m in base.trf_blocks.modules() if isinstance(m, torch.nn.Linear))
     results["tokens_per_sms"] = tokens
     results["sms_per_second_at_bf16_peak"] = results["gemm_gflops"]["bf16"] * 1e9 / (2 * linear_weights * tokens)
@@ -210,6 +232,11 @@ def main():
     )
     print(
         f"{tokens:.1f} tokens per test SMS: at the bf16 peak, {results['sms_per_second_at_bf16_peak']:.0f} SMS/s at most"
+    )
+    results["sms_per_second_products_alone"] = products_alone_per_second(base, lengths)
+    print(
+        f"the blocks' products alone at loraft's batch shapes: {results['sms_per_second_products_alone']:.0f} SMS/s "
+        f"({results['sms_per_second_products_alone'] / results['sms_per_second_at_bf16_peak']:.0%} of the ceiling)"
     )
     ceiling = results["sms_per_second_at_bf16_peak"]
     for name, rate in results["sms_per_second"].items():

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
-from loraft import lora
+from loraft import lora, quantize
 from loraft.errors import LoraftError
 from loraft.gguf_writer import write_gguf
 from loraft.models import load_model
-from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, quantized_weight
+from loraft.quantize import NF4_LEVELS, GGUFWeight, NF4Weight, QuantizedLinear, fuse_dequantizing, quantized_weight
 
 from .helpers import IDS, assert_clear_error, loraft, quantize_model, tiny_llama
 from .models.checkpoints import hf_checkpoint, write_tokenizer
@@ -49,6 +50,26 @@ def test_nf4_double_quantizes_its_absmaxes_to_int8_blocks_of_256():
     clipped = (absmax - absmax.mean()) / step > 127
     assert (error[~clipped] <= step[~clipped] / 2 + 1e-6).all() and (error[clipped] <= step[clipped] + 1e-6).all()
     assert weight.nbytes() / w.numel() < 0.52  # 4 bits a weight plus one byte per 64
+
+
+def test_nf4_codes_are_bitsandbytes_own(monkeypatch):
+    """bitsandbytes (the QLoRA reference, on its CPU backend) quantizes a weight to the same packed codes and
+    block absmaxes, and dequantizes our codes to our weights; only the absmaxes' double quantization is
+    torchao's, not bitsandbytes' (which quantizes them with its dynamic 8-bit map)."""
+    import bitsandbytes.functional as bnb
+
+    monkeypatch.setattr(quantize, "BITSANDBYTES_DEVICES", ())  # dequantize: loraft's own kernel
+    torch.manual_seed(0)
+    w = torch.randn(96, 640)
+    codes, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = NF4Weight(w)
+    assert torch.equal(state.code, NF4_LEVELS)
+    assert torch.equal(codes.flatten(), ours.codes.flatten())
+    assert torch.equal(state.absmax, w.reshape(-1, 64).abs().amax(1))
+    state.absmax = ours.absmax()  # our double-quantized absmaxes: bitsandbytes' dequantization is then ours
+    assert torch.equal(bnb.dequantize_4bit(codes, state), ours.dequantize(torch.float32))
+    for dtype in (torch.float32, torch.bfloat16):  # the kernel loraft uses where bitsandbytes is installed
+        assert torch.equal(ours.bitsandbytes_dequantize(dtype), ours.dequantize(dtype))
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -135,13 +156,13 @@ def test_training_over_a_quantized_base_lowers_the_loss_and_loads_over_the_full_
     meta = json.loads((run / "adapter" / "adapter.json").read_text())
     assert meta["base_quantized"] == mode
     report = json.loads((run / "report.json").read_text())
-    for quantize in ("none", mode):  # the usual QLoRA deployment: the adapter over the full-precision base
+    for loaded_as in ("none", mode):  # the usual QLoRA deployment: the adapter over the full-precision base
         evaluated = loraft(
-            "eval", "--adapter", str(run / "adapter"), "--data", str(small_sms_tsv), "--quantize", quantize
+            "eval", "--adapter", str(run / "adapter"), "--data", str(small_sms_tsv), "--quantize", loaded_as
         )
         assert evaluated.returncode == 0, evaluated.stderr
         accuracy = json.loads(evaluated.stdout)["accuracy"]
-        if quantize == mode:  # as the job measured it
+        if loaded_as == mode:  # as the job measured it
             assert accuracy == report["test_accuracy"]
     exported = loraft("export-peft", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "peft"))
     assert exported.returncode == 0, exported.stderr
@@ -166,6 +187,27 @@ def test_gguf_blocks_dequantize_in_the_layer_as_the_gguf_package_does(kind):
     rows = quantize(weight, GGMLQuantizationType[kind])
     ours = GGUFWeight(torch.from_numpy(rows), kind, (24, 96)).dequantize(torch.float32)  # Q5_0: through `gguf`
     assert torch.equal(ours, torch.from_numpy(dequantize(rows, GGMLQuantizationType[kind])))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4", "Q4_0", "Q4_1", "Q8_0"])
+def test_a_fused_dequantization_is_the_eager_one_with_one_kernel_for_every_shape(kind, monkeypatch):
+    from gguf import GGMLQuantizationType, quants
+
+    def weight(rows, columns):
+        w = np.random.default_rng(rows).standard_normal((rows, columns)).astype(np.float32)
+        if kind in ("int8", "nf4"):
+            return quantized_weight(kind, "layer", torch.from_numpy(w))
+        return GGUFWeight(torch.from_numpy(quants.quantize(w, GGMLQuantizationType[kind])), kind, (rows, columns))
+
+    monkeypatch.setattr(quantize, "BITSANDBYTES_DEVICES", ())  # nf4: loraft's own kernels, not bitsandbytes'
+    graphs = counters["stats"]["unique_graphs"]
+    for rows, columns in [(64, 576), (40, 576), (96, 1536)]:  # nf4: 2 blocks of absmaxes or more
+        w = weight(rows, columns)
+        eager = {dtype: w.dequantize(dtype) for dtype in (torch.float32, torch.bfloat16)}
+        fuse_dequantizing(w)
+        for dtype, values in eager.items():
+            assert torch.equal(w.dequantize(dtype), values), (rows, columns, dtype)
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # one per dtype, for all three shapes
 
 
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-0.5b", "phi-4-mini", "gemma-3-270m"])

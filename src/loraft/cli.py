@@ -144,10 +144,7 @@ def train_options(args) -> dict:
     compile = args.compile
     if compile is None:
         compile = (
-            pick_device(args.device).type == "cpu"
-            and compiler_found()
-            and family_to_load(args.model).compile_on_cpu
-            and args.quantize == "none"  # compiled, autograd would keep each dequantized weight for backward
+            pick_device(args.device).type == "cpu" and compiler_found() and family_to_load(args.model).compile_on_cpu
         )
     cfg = TrainConfig(
         **flags(args, "epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup", "schedule"),
@@ -729,7 +726,8 @@ def add_inference_compile_flag(parser):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"torch.compile the merged model's blocks: seconds once, then about 1.5x faster (default: from "
+        help=f"torch.compile the merged model's blocks (over a --quantize base: its dequantization): seconds "
+        f"once, then about 1.5x faster (default: from "
         f"{COMPILE_FROM_TEXTS:,} texts on, for Llama-like models on a CPU with a C++ compiler); --no-compile: eager",
     )
 
@@ -798,7 +796,7 @@ def add_train_flags(parser):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the transformer blocks (default: for Llama models on a CPU, where a C++ compiler is found); --no-compile: train eager",
+        help="torch.compile the transformer blocks, or with --quantize each layer's dequantization (default: for Llama models on a CPU, where a C++ compiler is found); --no-compile: train eager",
     )
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out first")

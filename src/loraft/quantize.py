@@ -11,7 +11,13 @@ all that trains.
   blocks of 256 with one fp32 factor each;
 - gguf: a GGUF file's own blocks, as llama.cpp stores them (models/__init__.py reads them without
   expanding them); Q4_0, Q4_1 and Q8_0 dequantize here in PyTorch, other types through the `gguf` package.
+
+Eager, dequantizing takes one pass over a full-size weight per operation; `fuse_dequantizing` compiles
+each format's dequantization into one kernel that reads the codes and writes the weight once.
 """
+
+import functools
+import logging
 
 import torch
 from torch import nn
@@ -43,6 +49,7 @@ NF4_LEVELS = torch.tensor(
     ]
 )
 NF4_BLOCK, SCALER_BLOCK = 64, 256
+BITSANDBYTES_DEVICES = ("cuda", "cpu")  # where nf4 dequantizes with bitsandbytes' kernel, if it is installed
 # a byte's two levels, the high nibble's first: dequantizing looks each byte up once
 NF4_PAIRS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=1)
 
@@ -51,6 +58,7 @@ class QuantizedWeight(nn.Module):
     """A frozen weight matrix held quantized in buffers; `dequantize` rebuilds it for one use."""
 
     requires_grad = False
+    fused = False  # dequantize in one compiled kernel (fuse_dequantizing)
 
     def __init__(self, shape: torch.Size):
         super().__init__()
@@ -67,6 +75,10 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel(self, function):
+        """`function`, compiled where this weight is fused."""
+        return compiled(function) if self.fused else function
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
@@ -80,7 +92,11 @@ class Int8Weight(QuantizedWeight):
         self.keep("scale", scale)
 
     def dequantize(self, dtype):
-        return (self.values.float() * self.scale[:, None]).to(dtype)
+        return self.kernel(int8_values)(self.values, self.scale, dtype)
+
+
+def int8_values(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (values.float() * scale[:, None]).to(dtype)
 
 
 class NF4Weight(QuantizedWeight):
@@ -102,12 +118,40 @@ class NF4Weight(QuantizedWeight):
         self.keep("absmax_factor", factor)
 
     def absmax(self) -> torch.Tensor:
-        factor = self.absmax_factor.repeat_interleave(SCALER_BLOCK)[: len(self.absmax_codes)]
-        return self.absmax_codes.float() / factor + self.absmax_mean
+        return nf4_absmax(self.absmax_codes, self.absmax_factor, self.absmax_mean)
 
     def dequantize(self, dtype):
-        levels = nn.functional.embedding(self.codes.int(), NF4_PAIRS.to(self.codes.device))  # (blocks, 32, 2)
-        return levels.view(len(self.codes), -1).mul_(self.absmax()[:, None]).view(self.shape).to(dtype)
+        if self.device.type in BITSANDBYTES_DEVICES and bitsandbytes_found():
+            return self.bitsandbytes_dequantize(dtype)
+        values = self.kernel(nf4_values)(self.codes, self.absmax_codes, self.absmax_factor, self.absmax_mean, dtype)
+        return values.view(self.shape)
+
+    def bitsandbytes_dequantize(self, dtype):
+        """The same weight from bitsandbytes' own kernel: its 4-bit layout is ours."""
+        return torch.ops.bitsandbytes.dequantize_4bit(self.codes, self.absmax(), NF4_BLOCK, "nf4", self.shape, dtype)
+
+
+def nf4_absmax(codes: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return codes.float() / factor.repeat_interleave(SCALER_BLOCK)[: len(codes)] + mean
+
+
+def nf4_values(codes, absmax_codes, absmax_factor, absmax_mean, dtype: torch.dtype) -> torch.Tensor:
+    """(blocks, 64) weights: each byte's two levels times its block's absmax."""
+    levels = nn.functional.embedding(codes.int(), NF4_PAIRS.to(codes.device))  # (blocks, 32, 2)
+    absmax = nf4_absmax(absmax_codes, absmax_factor, absmax_mean)
+    return (levels.view(len(codes), -1) * absmax[:, None]).to(dtype)
+
+
+@functools.cache
+def bitsandbytes_found() -> bool:
+    """bitsandbytes imported, which registers its kernels as torch.ops.bitsandbytes."""
+    # its CPU backend warns at import when an optional hub kernel for 4-bit products is missing: not one loraft uses
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -121,12 +165,20 @@ def four_bit_codes(quants: torch.Tensor) -> torch.Tensor:
     return torch.cat([quants & 15, quants >> 4], dim=-1).float()
 
 
-# ggml's 32-weight blocks: bytes per block, and its values from the (rows, blocks, bytes) raw bytes
-GGML_BLOCKS = {
-    "Q4_0": (18, lambda b: fp16_field(b, 0) * (four_bit_codes(b[..., 2:]) - 8)),
-    "Q4_1": (20, lambda b: fp16_field(b, 0) * four_bit_codes(b[..., 4:]) + fp16_field(b, 2)),
-    "Q8_0": (34, lambda b: fp16_field(b, 0) * b[..., 2:].contiguous().view(torch.int8).float()),
-}
+def q4_0_values(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (fp16_field(b, 0) * (four_bit_codes(b[..., 2:]) - 8)).to(dtype)
+
+
+def q4_1_values(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (fp16_field(b, 0) * four_bit_codes(b[..., 4:]) + fp16_field(b, 2)).to(dtype)
+
+
+def q8_0_values(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (fp16_field(b, 0) * b[..., 2:].contiguous().view(torch.int8).float()).to(dtype)
+
+
+# ggml's 32-weight blocks: bytes per block, and its values from the (blocks, bytes) raw bytes
+GGML_BLOCKS = {"Q4_0": (18, q4_0_values), "Q4_1": (20, q4_1_values), "Q8_0": (34, q8_0_values)}
 
 
 class GGUFWeight(QuantizedWeight):
@@ -140,7 +192,7 @@ class GGUFWeight(QuantizedWeight):
     def dequantize(self, dtype):
         if self.kind in GGML_BLOCKS:
             block_bytes, values = GGML_BLOCKS[self.kind]
-            return values(self.rows.view(self.shape[0], -1, block_bytes)).reshape(self.shape).to(dtype)
+            return self.kernel(values)(self.rows.view(-1, block_bytes), dtype).reshape(self.shape)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -149,6 +201,20 @@ class GGUFWeight(QuantizedWeight):
 
 
 WEIGHTS = {"int8": Int8Weight, "nf4": NF4Weight}
+
+
+@functools.cache
+def compiled(function):
+    """One compiled `function` for every weight: dynamic shapes, so every layer's shape shares its kernel."""
+    return torch.compile(function, dynamic=True)
+
+
+def fuse_dequantizing(model: nn.Module):
+    """Dequantize each of `model`'s quantized weights in one compiled kernel. The layers stay eager: compiled,
+    autograd would keep each dequantized weight for backward, the copy QLoRA exists to avoid."""
+    for module in model.modules():
+        if isinstance(module, QuantizedWeight):
+            module.fused = True
 
 
 class DequantizedMatmul(torch.autograd.Function):

@@ -33,6 +33,7 @@ from .files import atomic_write, json_safe
 from .models import model_device
 from .precision import bf16_autocast
 from .quantize import MODES as QUANTIZE_MODES
+from .quantize import fuse_dequantizing
 from .run_folder import changed_settings
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 123
     bf16: bool = True
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    compile: bool = False  # torch.compile the blocks while training (the CLI's default for Llama models on a CPU, where a C++ compiler is found)
+    compile: bool = False  # torch.compile the blocks while training, or a quantized base's dequantization (the CLI's default for Llama models on a CPU, where a C++ compiler is found)
     device: str = "auto"  # cpu, cuda, cuda:N; auto: a CUDA GPU when PyTorch finds one, else the CPU
     save_every: int = 0  # optimizer steps between checkpoints besides those at each evaluation (0: none)
     skip_nonfinite: int = 0  # optimizer steps with a NaN or infinite loss or gradient skipped before the run stops
@@ -164,8 +165,6 @@ def check_config(cfg: TrainConfig):
         raise LoraftError("--weight-decay and --clip must be >= 0, --warmup in [0, 1)")
     if cfg.quantize not in QUANTIZE_MODES:
         raise LoraftError(f"unknown --quantize {cfg.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
-    if cfg.compile and cfg.quantize != "none":  # compiled, autograd would keep each dequantized weight for backward
-        raise LoraftError("--compile and --quantize do not go together (compiling keeps dequantized weights); drop one")
     if cfg.compile:
         check_compiler()
 
@@ -404,7 +403,9 @@ class Trainer:
                 self.metrics_file.write_text("")
         cfg, progress = self.cfg, self.progress
         self.model.train()
-        if cfg.compile:
+        if cfg.compile and cfg.quantize != "none":
+            fuse_dequantizing(self.model)
+        elif cfg.compile:
             compile_blocks(self.model)
         bar = tqdm(
             total=self.total_steps,
@@ -426,7 +427,7 @@ class Trainer:
                     if at_end:
                         break
         bar.close()
-        if cfg.compile:
+        if cfg.compile and cfg.quantize == "none":
             uncompile_blocks(self.model)
         self.restore_best_weights()
         self.model.eval()
