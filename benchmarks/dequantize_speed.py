@@ -11,7 +11,7 @@ Results go to benchmarks/results/dequantize_speed.json.
 
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -21,18 +21,14 @@ from gguf.quants import quantize
 from loraft import quantize as quantized
 from loraft.quantize import GGUFWeight, Int8Weight, NF4Weight, fuse_dequantizing
 
+sys.path.insert(0, str(Path(__file__).parent))
+from int8_gemm import best_seconds  # noqa: E402
+
 OUT = Path(__file__).parent / "results" / "dequantize_speed.json"
 
 
-def best_ms(fn, repeats=10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+def best_ms(fn) -> float:
+    return 1e3 * best_seconds(fn, repeats=10)
 
 
 def main():

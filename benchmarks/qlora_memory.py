@@ -48,7 +48,7 @@ from loraft.data.sms_spam import load_sms_spam
 from loraft.finetune import prepare_model
 from loraft.models import load_model
 from loraft.precision import bf16_autocast, bf16_supported
-from loraft.quantize import QuantizedLinear, fuse_dequantizing
+from loraft.quantize import QuantizedLinear
 from loraft.train import compile_blocks
 
 def status(key):
@@ -65,7 +65,7 @@ prepare_model(model, "lora", 2, lora.LoraConfig(rank=16, alpha=16))
 model.gradient_checkpointing = True
 model.train()
 if compiled:  # as `loraft train` compiles: the whole base's blocks, or a quantized base's dequantization
-    compile_blocks(model) if mode == "none" else fuse_dequantizing(model)
+    compile_blocks(model)
 texts = load_sms_spam().train.texts
 ids = [t for text in texts for t in tokenizer.encode(text)]
 batches = [torch.tensor(ids[i * 1024 : (i + 1) * 1024]).view(8, 128) for i in range(steps + warmup)]

@@ -17,8 +17,9 @@ COMPILE_FROM_TEXTS = 1000  # where the compiled passes save more than compiling 
 def compile_for_inference(model: nn.Module, texts: int, asked: bool | None = None) -> bool:
     """Compile each block of a merged model for passes without gradients and without a KV cache (others,
     training's and generation's cached steps, run eager), or a quantized base's dequantization, for
-    `texts` texts to come; returns whether it did. `asked`: --compile / --no-compile; None: where it pays, from COMPILE_FROM_TEXTS texts on a CPU
-    with a C++ compiler, for the families `loraft train` compiles there."""
+    `texts` texts to come; returns whether it did. `asked`: --compile / --no-compile; None: where it
+    pays, from COMPILE_FROM_TEXTS texts on a CPU with a C++ compiler, for the families `loraft train`
+    compiles there."""
     on_cpu = model_device(model).type == "cpu"
     if asked and on_cpu:
         check_compiler()

@@ -210,8 +210,7 @@ def compiled(function):
 
 
 def fuse_dequantizing(model: nn.Module):
-    """Dequantize each of `model`'s quantized weights in one compiled kernel. The layers stay eager: compiled,
-    autograd would keep each dequantized weight for backward, the copy QLoRA exists to avoid."""
+    """Dequantize each of `model`'s quantized weights in one compiled kernel (the layers themselves stay eager)."""
     for module in model.modules():
         if isinstance(module, QuantizedWeight):
             module.fused = True

@@ -33,7 +33,7 @@ from .files import atomic_write, json_safe
 from .models import model_device
 from .precision import bf16_autocast
 from .quantize import MODES as QUANTIZE_MODES
-from .quantize import fuse_dequantizing
+from .quantize import fuse_dequantizing, quantization_of
 from .run_folder import changed_settings
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -219,7 +219,11 @@ def compile_blocks(model: nn.Module):
     symbols, so that a sweep over alphas in one process compiles once (plus a second trace, the
     first time). Left eager, as each would compile a graph of its own that costs more to compile than
     it saves: block 0, whose input (the frozen embedding) needs no gradient, and every pass without
-    gradients, evaluation's."""
+    gradients, evaluation's. A quantized base's blocks stay eager (compiled, autograd would keep each
+    dequantized weight for backward, the copy QLoRA exists to avoid): its dequantization compiles instead."""
+    if quantization_of(model) != "none":
+        fuse_dequantizing(model)
+        return
     for block in model.trf_blocks[1:]:
         block.forward = compiled_for_training(block.forward)
 
@@ -403,9 +407,7 @@ class Trainer:
                 self.metrics_file.write_text("")
         cfg, progress = self.cfg, self.progress
         self.model.train()
-        if cfg.compile and cfg.quantize != "none":
-            fuse_dequantizing(self.model)
-        elif cfg.compile:
+        if cfg.compile:
             compile_blocks(self.model)
         bar = tqdm(
             total=self.total_steps,
@@ -427,7 +429,7 @@ class Trainer:
                     if at_end:
                         break
         bar.close()
-        if cfg.compile and cfg.quantize == "none":
+        if cfg.compile:
             uncompile_blocks(self.model)
         self.restore_best_weights()
         self.model.eval()
