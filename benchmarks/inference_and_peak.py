@@ -1,6 +1,6 @@
 """The machine's GEMM peak (bf16, fp32), and side by side in one run, from the same trained adapter:
 SMS classified per second on the book's 300 test messages by loraft (merged eager, merged compiled,
-unmerged), transformers + PEFT (merged) and ONNX Runtime (the `loraft export --format onnx` graph), each
+unmerged eager, unmerged compiled as `serve` runs it), transformers + PEFT (merged) and ONNX Runtime (the `loraft export --format onnx` graph), each
 against the ceiling the bf16 peak allows and against the blocks' products alone at the same batch
 shapes (no attention, norms or activations: what the GEMM library itself reaches there); then greedy generation with a KV cache, new tokens per second
 at batch 1 and batch 8, loraft (stream_tokens; DecodeBatch, serve's continuous batching) vs transformers'
@@ -204,6 +204,12 @@ def main():
     results["compile_seconds"] = timed(lambda: predict_proba(compiled, tokenizer, texts[:64], fmt, autocast=True))
     results["sms_per_second"]["loraft merged, compiled (bf16)"] = per_second(
         lambda: predict_proba(compiled, tokenizer, texts, fmt, autocast=True), len(texts)
+    )
+    compiled_unmerged = copy.deepcopy(unmerged)  # the adapter unmerged beside the base, as `serve` runs it
+    compile_for_inference(compiled_unmerged, len(texts), asked=True)
+    predict_proba(compiled_unmerged, tokenizer, texts[:64], fmt, autocast=True)
+    results["sms_per_second"]["loraft unmerged, compiled (serve's)"] = per_second(
+        lambda: predict_proba(compiled_unmerged, tokenizer, texts, fmt, autocast=True), len(texts)
     )
     results["sms_per_second"]["ONNX Runtime (fp32 graph)"] = per_second(
         onnx_runtime_classifier(adapter, texts), len(texts)

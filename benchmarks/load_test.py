@@ -1,7 +1,8 @@
 """Load test of `loraft serve` over loopback: 50 concurrent clients, each posting one SMS of the
 book's test split at a time to /v1/classify until a fixed number of requests is done. Throughput,
-latency percentiles and errors; by default measured side by side against the same server with
-micro-batching off (--max-batch 1), on the same requests. Client and server share this machine.
+latency percentiles and errors; by default measured side by side against the same server eager
+(--no-compile) and with micro-batching off (--max-batch 1), on the same requests. Client and server
+share this machine.
 
     LORAFT_DATA_DIR=../shared/data python benchmarks/load_test.py runs/sms-spam/adapter
 """
@@ -103,7 +104,7 @@ def main():
     parser.add_argument("adapter", help="a trained spam adapter folder")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--no-compare", action="store_true", help="only the default (batching) server")
+    parser.add_argument("--no-compare", action="store_true", help="only the default (batching, compiled) server")
     args = parser.parse_args()
     texts = load_sms_spam().test.texts
     results = {
@@ -111,13 +112,17 @@ def main():
         "batched": measure(args.adapter, texts, args.clients, args.requests),
     }
     if not args.no_compare:
+        results["eager"] = measure(args.adapter, texts, args.clients, args.requests, "--no-compile")
+        results["throughput_ratio_compiled_vs_eager"] = (
+            results["batched"]["requests_per_second"] / results["eager"]["requests_per_second"]
+        )
         results["unbatched"] = measure(
             args.adapter, texts, args.clients, args.requests, "--max-batch", "1", "--batch-window-ms", "0"
         )
         results["throughput_ratio_batched_vs_unbatched"] = (
             results["batched"]["requests_per_second"] / results["unbatched"]["requests_per_second"]
         )
-    for name in ("batched", "unbatched"):
+    for name in ("batched", "eager", "unbatched"):
         if name in results:
             r = results[name]
             print(
@@ -126,6 +131,7 @@ def main():
                 f"{r['mean_texts_per_batch']:.1f} texts per batch, {r['errors']} errors"
             )
     if "unbatched" in results:
+        print(f"compiled: {results['throughput_ratio_compiled_vs_eager']:.2f}x the eager server's throughput")
         print(f"micro-batching: {results['throughput_ratio_batched_vs_unbatched']:.2f}x the throughput")
     OUT.mkdir(exist_ok=True)
     (OUT / "load_test.json").write_text(json.dumps(results, indent=2) + "\n")

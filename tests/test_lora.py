@@ -180,6 +180,21 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
     assert torch.allclose(mixed[1:], alone["one"][1:], atol=1e-6)
 
 
+def test_rows_that_all_run_one_adapter_run_it_fused_over_the_whole_batch():
+    model = tiny_gpt2()
+    lora.apply_lora(model, rank=4, name="one")
+    train_a_few_steps(model, IDS, steps=2)
+    model.requires_grad_(False)
+    lora.set_active(model, "one")
+    alone = model(IDS)
+    lora.set_per_row(model, ["one"] * len(IDS))
+    layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+    assert {layer.fast_adapter() for layer in layers} == {"one"}
+    assert torch.equal(model(IDS), alone)
+    lora.set_per_row(model, [None] * len(IDS))
+    assert {layer.fast_adapter() for layer in layers} == {None}
+
+
 def test_mixed_lm_batch_with_base_rows():
     model = tiny_gpt2()
     for name in ("one", "two"):

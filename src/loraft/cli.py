@@ -315,7 +315,11 @@ def cmd_serve(args):
     import socket
 
     try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .inference import COMPILE_FROM_TEXTS, compile_for_inference
         from .serve.app import Limits, create_app
+        from .serve.batching import warm_up
         from .serve.registry import load_served, parse_adapter_specs
         from .serve.server import server
     except ImportError as e:
@@ -356,8 +360,21 @@ def cmd_serve(args):
         read_timeout_s=args.read_timeout_s,
         max_connections=args.max_connections,
     )
-    served = load_served(folders, args.quantize, args.model, args.weights, fp32_or_default(args))
-    app = create_app(served, limits, args.batch_window_ms, args.max_batch, args.max_batch_tokens, api_key, adapter_dirs)
+
+    def load():
+        served = load_served(folders, args.quantize, args.model, args.weights, fp32_or_default(args))
+        served.compiled = compile_for_inference(served.model, COMPILE_FROM_TEXTS, args.compile)  # soon that many texts
+        if served.compiled:
+            if any(adapter.task == "classification" for adapter in served.adapters.values()):
+                print("loraft: compiling the classifiers' passes (--no-compile: eager)", file=sys.stderr, flush=True)
+            warm_up(served)
+        return served
+
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="loraft-model")  # every torch op runs there: see Worker
+    served = model_thread.submit(load).result()
+    app = create_app(
+        served, limits, args.batch_window_ms, args.max_batch, args.max_batch_tokens, api_key, adapter_dirs, model_thread
+    )
     host, port = listener.getsockname()[:2]
     names = ", ".join([served.model.name, *served.adapters])
     print(f"loraft: serving {names} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr, flush=True)
@@ -596,6 +613,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help=WEIGHTS_HELP)
     add_quantize_flag(s, "serve over")
     add_inference_bf16_flag(s)
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the blocks for classification passes of one adapter (over a --quantize base: its "
+        "dequantization), compiling each classifier's graphs at start or when it is loaded (default: for Llama-like "
+        "models on a CPU with a C++ compiler); --no-compile: eager",
+    )
     s.add_argument(
         "--adapter",
         action="append",

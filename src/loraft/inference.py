@@ -1,11 +1,14 @@
-"""A merged model made faster for passes without gradients: its transformer blocks compiled once, with
-dynamic shapes, so that one graph serves every block and every batch size and length. In eager mode
-a third of the time goes to elementwise chains (RMSNorm's casts, RoPE, SwiGLU) that compiling fuses.
-Compiling costs seconds once, so it pays for large inputs (benchmarks/inference_and_peak.py)."""
+"""A model made faster for passes without gradients: its transformer blocks compiled once, with dynamic
+shapes, so that one graph serves every block, batch size and length (batches of one, and each kind of
+block, get their own). Adapters may stay unmerged (`serve`): a pass that runs one adapter over the whole
+batch runs a graph of that adapter's; passes mixing adapters run eager. In eager mode a third of the
+time goes to elementwise chains (RMSNorm's casts, RoPE, SwiGLU) that compiling fuses. Compiling costs
+seconds once, so it pays for large inputs (benchmarks/inference_and_peak.py)."""
 
 import torch
 from torch import nn
 
+from .lora import AdapterState, adapter_state
 from .models import family_of, model_device
 from .models.kv_cache import LayerCache
 from .quantize import fuse_dequantizing, quantization_of
@@ -15,8 +18,9 @@ COMPILE_FROM_TEXTS = 1000  # where the compiled passes save more than compiling 
 
 
 def compile_for_inference(model: nn.Module, texts: int, asked: bool | None = None) -> bool:
-    """Compile each block of a merged model for passes without gradients and without a KV cache (others,
-    training's and generation's cached steps, run eager), or a quantized base's dequantization, for
+    """Compile each block for passes without gradients, without a KV cache and with one adapter (or none)
+    over the whole batch (others, training's, generation's cached steps and batches that mix adapters,
+    run eager), or a quantized base's dequantization, for
     `texts` texts to come; returns whether it did. `asked`: --compile / --no-compile; None: where it
     pays, from COMPILE_FROM_TEXTS texts on a CPU with a C++ compiler, for the families `loraft train`
     compiles there."""
@@ -31,15 +35,16 @@ def compile_for_inference(model: nn.Module, texts: int, asked: bool | None = Non
         fuse_dequantizing(model)
         return True
     for block in model.trf_blocks:
-        block.forward = compiled_without_grad(block.forward)
+        block.forward = compiled_without_grad(block.forward, adapter_state(model))
     return True
 
 
-def compiled_without_grad(forward):
+def compiled_without_grad(forward, adapters: AdapterState):
     compiled = torch.compile(forward, dynamic=True)
 
     def run(*args, **kwargs):
         cached = any(isinstance(a, LayerCache) for a in [*args, *kwargs.values()])
-        return (forward if torch.is_grad_enabled() or cached else compiled)(*args, **kwargs)
+        eager = torch.is_grad_enabled() or cached or adapters.per_row is not None
+        return (forward if eager else compiled)(*args, **kwargs)
 
     return run

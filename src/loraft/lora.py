@@ -760,13 +760,17 @@ def set_active(model: nn.Module, name: str | None):
 
 
 def set_per_row(model: nn.Module, per_row: list[str | None]):
-    """Run one adapter (or None, the base) per batch row in the next forward passes."""
+    """Run one adapter (or None, the base) per batch row in the next forward passes. Rows that all run
+    one adapter run it as set_active would: over the whole batch, fused (LoRAProduct), no rows indexed."""
     state = adapter_state(model)
     if state.merged is not None:
         raise LoraftError(f"adapter {state.merged!r} is merged into the weights: unmerge it before mixing adapters")
     unknown = {n for n in per_row if n is not None} - set(adapter_names(model))
     if unknown:
         raise LoraftError(f"no adapter named {sorted(unknown)}; loaded: {adapter_names(model)}")
+    if len(set(per_row)) == 1:
+        state.active, state.per_row, state.row_index = per_row[0], None, {}
+        return
     state.per_row = list(per_row)
     state.row_index = {
         name: torch.tensor([i for i, n in enumerate(per_row) if n == name], dtype=torch.long)

@@ -5,12 +5,16 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from torch._dynamo.utils import counters
 
 from loraft import lora
 from loraft.classifier import TextFormat, predict_proba
+from loraft.generate import DecodeBatch
+from loraft.inference import compile_for_inference
 from loraft.serve.app import create_app
-from loraft.serve.batching import Classify, Worker
+from loraft.serve.batching import Classify, Worker, classify, warm_up
 from loraft.serve.registry import load_served
+from loraft.train import compiler_found
 
 from .conftest import LIMITS
 
@@ -51,6 +55,43 @@ def test_one_batch_of_mixed_adapters_matches_each_adapter_alone_in_fp32(served, 
         expected = predict_proba(model, served.tokenizer, batch, TextFormat.of_adapter(served.adapters[name].meta))
         assert served_probs[name].shape == expected.shape
         assert torch.allclose(served_probs[name], expected, atol=0.03), (name, served_probs[name], expected)
+
+
+@pytest.mark.skipif(not compiler_found(), reason="torch.compile on a CPU needs a C++ compiler")
+@torch._dynamo.config.patch(cache_size_limit=8)  # warm_up raises it for the whole process
+def test_compiled_serving_gives_the_eager_probabilities_with_one_graph_per_adapter(reference, sms_texts):
+    """`serve --compile` (fp32): the warm-up compiles each classifier's graphs (a batch of one, and one
+    for every other batch shape); afterwards batches of other sizes and lengths, a batch mixing two
+    adapters (eager), a generation step and the worker thread compile nothing more, and every
+    probability is the eager one's."""
+    folders = {name: reference[1][name] for name in ("spam", "mood", "qa")}
+    compiled, eager = load_served(folders, bf16=False), load_served(folders, bf16=False)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.compiled = compile_for_inference(compiled.model, texts=10, asked=True)
+    warm_up(compiled)
+    assert counters["stats"]["unique_graphs"] - graphs == 4  # spam and mood, each a batch of one and of more
+
+    def rows(name, texts):
+        return [(name, ids) for ids in compiled.adapters[name].format.encode(compiled.tokenizer, texts)]
+
+    batches = [rows("spam", sms_texts[:7]), rows("mood", sms_texts[7:10]), rows("spam", sms_texts[10:11])]
+    batches.append(rows("spam", sms_texts[11:14]) + rows("mood", sms_texts[14:16]))  # mixed: per row, eager
+    for batch in batches:
+        torch.testing.assert_close(
+            torch.tensor(classify(compiled, batch)[0]), torch.tensor(classify(eager, batch)[0]), rtol=1e-4, atol=1e-5
+        )
+    lora.set_per_row(compiled.model, ["qa"])
+    DecodeBatch(compiled.model).join([1, 2, 3])  # generation runs eager
+    worker = Worker(compiled)
+    try:
+        job = worker.submit(Classify("spam", sms_texts[20:25]))
+        served_probs = torch.tensor(job.result(timeout=60))
+    finally:
+        worker.close()
+    expected = torch.tensor(classify(eager, rows("spam", sms_texts[20:25]))[0])
+    torch.testing.assert_close(served_probs, expected, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 4
 
 
 def test_generate_answers_with_the_instruction_adapter(client):

@@ -18,6 +18,7 @@ import hmac
 import html
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -251,10 +252,14 @@ def create_app(
     max_batch_tokens: int = 1024,
     api_key: str | None = None,
     adapter_dirs: tuple[Path, ...] = (),
+    model_thread: ThreadPoolExecutor | None = None,
 ) -> FastAPI:
+    """The app serving `served`; its worker runs on `model_thread` (the thread that loaded the model, see
+    batching.Worker) where given."""
+
     @asynccontextmanager
     async def lifespan(app):
-        app.state.worker = Worker(served, window_ms, max_batch, max_batch_tokens)
+        app.state.worker = Worker(served, window_ms, max_batch, max_batch_tokens, model_thread)
         app.state.admission = Admission(limits.max_queue)
         yield
         app.state.worker.close()
@@ -508,8 +513,7 @@ def create_app(
         except LoraftError as e:
             raise HTTPException(403, str(e)) from None
         adapter = check_adapters({body.name: folder}, base)[body.name]
-        await asyncio.wrap_future(app.state.worker.submit(AdapterChange(body.name, folder)))
-        served.adapters[body.name] = adapter
+        await asyncio.wrap_future(app.state.worker.submit(AdapterChange(body.name, adapter)))
         return adapter.describe()
 
     @app.delete("/v1/adapters/{name}")
@@ -521,7 +525,6 @@ def create_app(
         try:
             await admission.drain(name)
             await asyncio.wrap_future(app.state.worker.submit(AdapterChange(name)))
-            del served.adapters[name]
         finally:
             del admission.removing[name]
         return {"deleted": name}

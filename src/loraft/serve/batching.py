@@ -15,13 +15,11 @@ When idle, the worker waits up to `window_ms` after a request for others to batc
 loaded and taken off between two turns."""
 
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,6 +30,7 @@ from ..data.classification import collate
 from ..generate import DecodeBatch, next_token
 from ..models import model_device
 from ..precision import bf16_autocast
+from .registry import ServedAdapter
 
 
 @dataclass
@@ -78,15 +77,27 @@ class Generate:
 
 @dataclass
 class AdapterChange:
-    """Put the adapter in `folder` on the model as `name`, or with no folder take `name` off."""
+    """Put `adapter` on the model and serve it as `name`, or with no adapter take `name` off."""
 
     name: str
-    folder: Path | None = None
+    adapter: ServedAdapter | None = None
     future: Future = field(default_factory=Future)
 
 
 class Worker:
-    def __init__(self, served, window_ms: float = 5.0, max_batch: int = 32, max_batch_tokens: int = 1024):
+    """The loop of the thread that owns the model: `model_thread`, the one that loaded it (PyTorch keeps an
+    OpenMP thread pool per thread that runs its ops; with two pools over the cores, libgomp stops its
+    workers' spin-waits and every small op waits on a wake-up: decoding measured 1.7x slower), else a
+    thread of its own."""
+
+    def __init__(
+        self,
+        served,
+        window_ms: float = 5.0,
+        max_batch: int = 32,
+        max_batch_tokens: int = 1024,
+        model_thread: ThreadPoolExecutor | None = None,
+    ):
         self.served = served
         self.window_s = window_ms / 1000
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
@@ -105,8 +116,9 @@ class Worker:
             "decode_steps": 0,
             "largest_decode_batch": 0,
         }
-        self.thread = threading.Thread(target=self.work, name="loraft-worker", daemon=True)
-        self.thread.start()
+        self.own_thread = model_thread is None
+        self.model_thread = model_thread or ThreadPoolExecutor(1, thread_name_prefix="loraft-worker")
+        self.loop = self.model_thread.submit(self.work)
 
     def submit(self, job: Classify | Generate | AdapterChange):
         self.jobs.put(job)
@@ -114,7 +126,9 @@ class Worker:
 
     def close(self):
         self.jobs.put(None)
-        self.thread.join()
+        self.loop.result()
+        if self.own_thread:
+            self.model_thread.shutdown()
 
     def work(self):
         while self.take(block=not (self.classifying or self.waiting or self.running)):
@@ -156,12 +170,16 @@ class Worker:
             run(job, lambda: self.change_adapter(job))
 
     def change_adapter(self, change: AdapterChange):
-        model = self.served.model
-        if change.folder is None:
-            return lora.delete_adapter(model, change.name)
-        meta = load_adapter(model, change.folder, change.name)  # checks the base's fingerprint first
-        model.requires_grad_(False)
-        return meta
+        served = self.served
+        if change.adapter is None:
+            lora.delete_adapter(served.model, change.name)
+            del served.adapters[change.name]
+            return
+        load_adapter(served.model, change.adapter.folder, change.name)  # checks the base's fingerprint first
+        served.model.requires_grad_(False)
+        served.adapters[change.name] = change.adapter
+        if served.compiled:
+            warm_up(served, [change.name])
 
     # ------------------------------------------------------------ classification
 
@@ -183,7 +201,7 @@ class Worker:
         if not rows:
             return
         try:
-            probs = self.classify_rows([(job.adapter, job.token_lists[i]) for job, i in rows])
+            probs, passes = classify(self.served, [(job.adapter, job.token_lists[i]) for job, i in rows])
         except Exception as e:  # a fault in one micro-batch fails its requests, never the worker
             for job in {id(job): job for job, _ in rows}.values():
                 fail(job, e)
@@ -197,32 +215,7 @@ class Worker:
             self.stats["classify_requests"] += 1
         self.stats["batches"] += 1
         self.stats["texts"] += len(rows)
-
-    @torch.no_grad()
-    def classify_rows(self, rows: list[tuple[str, list[int]]]) -> list[list[float]]:
-        """Class probabilities of (adapter, token ids) rows. Rows are sorted by length (little padding)
-        and grouped by pooling and head size, which one forward pass must share."""
-        model, tokenizer, adapters = self.served.model, self.served.tokenizer, self.served.adapters
-
-        def group(i):
-            adapter = adapters[rows[i][0]]
-            return adapter.format.pooling, len(adapter.label_names)
-
-        order = sorted(range(len(rows)), key=lambda i: (group(i), len(rows[i][1])))
-        probs = [None] * len(rows)
-        start = 0
-        while start < len(order):
-            chunk = [i for i in order[start:] if group(i) == group(order[start])]
-            start += len(chunk)
-            lora.set_per_row(model, [rows[i][0] for i in chunk])
-            token_lists = [rows[i][1] for i in chunk]
-            batch = collate(token_lists, [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists)))
-            with bf16_autocast(model_device(model), self.served.bf16):
-                logits = classify_logits(model, batch, group(chunk[0])[0])
-            for i, p in zip(chunk, torch.softmax(logits, -1).tolist()):
-                probs[i] = p
-            self.stats["forward_passes"] += 1
-        return probs
+        self.stats["forward_passes"] += passes
 
     # ------------------------------------------------------------ generation
 
@@ -293,6 +286,48 @@ class Worker:
     @property
     def load(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "classifying": len(self.classifying)}
+
+
+@torch.no_grad()
+def classify(served, rows: list[tuple[str, list[int]]]) -> tuple[list[list[float]], int]:
+    """Class probabilities of (adapter, token ids) rows, and the forward passes they took. Rows are
+    sorted by length (little padding) and grouped by pooling and head size, which one forward pass must
+    share; a pass of one adapter's rows runs it fused, compiled where serve compiled the model."""
+    model, tokenizer, adapters = served.model, served.tokenizer, served.adapters
+
+    def group(i):
+        adapter = adapters[rows[i][0]]
+        return adapter.format.pooling, len(adapter.label_names)
+
+    order = sorted(range(len(rows)), key=lambda i: (group(i), len(rows[i][1])))
+    probs, passes, start = [None] * len(rows), 0, 0
+    while start < len(order):
+        chunk = [i for i in order[start:] if group(i) == group(order[start])]
+        start += len(chunk)
+        lora.set_per_row(model, [rows[i][0] for i in chunk])
+        token_lists = [rows[i][1] for i in chunk]
+        batch = collate(token_lists, [0] * len(chunk), tokenizer.pad_id, max(map(len, token_lists)))
+        with bf16_autocast(model_device(model), served.bf16):
+            logits = classify_logits(model, batch, group(chunk[0])[0])
+        for i, p in zip(chunk, torch.softmax(logits, -1).tolist()):
+            probs[i] = p
+        passes += 1
+    return probs, passes
+
+
+def warm_up(served, names: list[str] | None = None):
+    """Classify a text, then two, under each classification adapter (or those `names`), so that a
+    compiled model compiles their graphs now rather than in the first requests (PyTorch compiles
+    batches of one apart, and a graph is specific to its adapter)."""
+    # dynamo's default of 8 graphs per function would leave the fifth classifier eager
+    # (cache_size_limit: the name torch 2.5 knows, an alias of recompile_limit since)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for name in served.adapters if names is None else names:
+        adapter = served.adapters[name]
+        if adapter.task == "classification":
+            texts = adapter.format.encode(served.tokenizer, ["Warm up.", "A second, longer text to warm up with."])
+            classify(served, [(name, texts[0])])
+            classify(served, [(name, ids) for ids in texts])
 
 
 def fail(job, error: Exception):

@@ -48,6 +48,7 @@ class Served:
     tokenizer: object
     adapters: dict[str, ServedAdapter]
     bf16: bool
+    compiled: bool = False  # the blocks compiled for classification passes (inference.compile_for_inference)
     started: float = field(default_factory=time.time)
 
 
