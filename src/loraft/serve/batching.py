@@ -87,8 +87,7 @@ class AdapterChange:
 class Worker:
     """The loop of the thread that owns the model: `model_thread`, the one that loaded it (PyTorch keeps an
     OpenMP thread pool per thread that runs its ops; with two pools over the cores, libgomp stops its
-    workers' spin-waits and every small op waits on a wake-up: decoding measured 1.7x slower), else a
-    thread of its own."""
+    workers' spin-waits and every small op waits on a wake-up, README: Serve it), else a thread of its own."""
 
     def __init__(
         self,
